@@ -1,0 +1,540 @@
+//! Batches: events encoded by the sink's [`Encoder`] straight from the read buffer, grouped
+//! by size, count and linger, then compressed whole.
+//!
+//! A [`Batch`] carries, besides its payload, everything the uploader needs after delivery: the
+//! file offsets it acknowledges ([`Ack`]) and the changes to the set of tracked files
+//! ([`FileUpdate`]) made since the previous batch, so the checkpoint learns of a file before the
+//! first ack for it and forgets it only after the last. Each event is copied once, from the read
+//! buffer into the payload (escaped on the way by the NDJSON encoder). Per-event metadata
+//! ([`EventMeta`]) lets sinks that need event boundaries (Kafka messages, Loki streams) slice
+//! the payload without parsing it.
+//!
+//! This module does not talk to files or the network.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::checkpoint::FileUpdate;
+use crate::config::Compression;
+
+/// A tracked file during one run; keys are not reused within a run.
+pub type FileKey = u64;
+
+/// Per-file data shared by all events of a file: who it is and how to render it.
+#[derive(Debug)]
+pub struct FileMeta {
+    /// The run-local key.
+    pub key: FileKey,
+    /// Source name.
+    pub source: Arc<str>,
+    /// Path the file was found at.
+    pub path: String,
+    /// Named groups of the source's `path_tags`, in pattern order.
+    pub tags: Vec<(String, String)>,
+    /// Fingerprint of the file's first bytes (0 until it is long enough); with the offset it
+    /// makes a stable event id.
+    pub fingerprint: u64,
+    json_mid: Box<[u8]>,
+    json_tail: Box<[u8]>,
+}
+
+impl FileMeta {
+    /// Builds the metadata and pre-renders its constant JSON parts.
+    pub fn new(
+        key: FileKey,
+        source: Arc<str>,
+        path: String,
+        tags: Vec<(String, String)>,
+        fingerprint: u64,
+    ) -> FileMeta {
+        let mut mid = Vec::with_capacity(64 + path.len());
+        mid.extend_from_slice(b"\",\"source\":\"");
+        escape_json(source.as_bytes(), &mut mid);
+        mid.extend_from_slice(b"\",\"file\":\"");
+        escape_json(path.as_bytes(), &mut mid);
+        mid.extend_from_slice(b"\",\"offset\":");
+        let mut tail = Vec::with_capacity(64);
+        tail.extend_from_slice(b",\"tags\":{");
+        for (i, (k, v)) in tags.iter().enumerate() {
+            if i > 0 {
+                tail.push(b',');
+            }
+            tail.push(b'"');
+            escape_json(k.as_bytes(), &mut tail);
+            tail.extend_from_slice(b"\":\"");
+            escape_json(v.as_bytes(), &mut tail);
+            tail.push(b'"');
+        }
+        tail.extend_from_slice(b"}}\n");
+        FileMeta {
+            key,
+            source,
+            path,
+            tags,
+            fingerprint,
+            json_mid: mid.into_boxed_slice(),
+            json_tail: tail.into_boxed_slice(),
+        }
+    }
+
+    /// Stable id of the event starting at `offset`: the same bytes get the same id on every
+    /// retry and after every restart.
+    pub fn event_id(&self, offset: u64) -> String {
+        format!("{:016x}-{:x}", self.fingerprint, offset)
+    }
+}
+
+/// Collection time, rendered once per read and shared by the events of that read.
+#[derive(Debug, Clone)]
+pub struct Timestamp {
+    /// Nanoseconds since the Unix epoch.
+    pub unix_nanos: u128,
+    rfc3339: String,
+}
+
+impl Timestamp {
+    /// Now.
+    pub fn now() -> Timestamp {
+        Timestamp::at(SystemTime::now())
+    }
+    /// At `t`.
+    pub fn at(t: SystemTime) -> Timestamp {
+        let unix_nanos = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Timestamp {
+            unix_nanos,
+            rfc3339: humantime::format_rfc3339_millis(t).to_string(),
+        }
+    }
+    /// RFC 3339 with milliseconds, UTC.
+    pub fn rfc3339(&self) -> &str {
+        &self.rfc3339
+    }
+}
+
+/// One event as the readers hand it to an encoder.
+#[derive(Debug)]
+pub struct Event<'a> {
+    /// The line (or multiline event) without its final newline; valid UTF-8.
+    pub message: &'a [u8],
+    /// Byte offset of the event's first byte in its file.
+    pub offset: u64,
+    /// The file.
+    pub meta: &'a FileMeta,
+    /// Collection time.
+    pub timestamp: &'a Timestamp,
+}
+
+/// Writes events in a sink's wire format.
+pub trait Encoder: Send + std::fmt::Debug {
+    /// Appends `ev` to `out`.
+    fn encode(&mut self, ev: &Event<'_>, out: &mut Vec<u8>);
+}
+
+/// One JSON object per line:
+/// `{"timestamp","message","source","file","offset","tags":{...}}`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NdjsonEncoder;
+
+impl Encoder for NdjsonEncoder {
+    fn encode(&mut self, ev: &Event<'_>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        out.extend_from_slice(ev.timestamp.rfc3339.as_bytes());
+        out.extend_from_slice(b"\",\"message\":\"");
+        escape_json(ev.message, out);
+        out.extend_from_slice(&ev.meta.json_mid);
+        out.extend_from_slice(itoa::Buffer::new().format(ev.offset).as_bytes());
+        out.extend_from_slice(&ev.meta.json_tail);
+    }
+}
+
+/// Bytes that JSON strings can't hold as they are: 0 = copy, else the escape's second char
+/// (`u` for `\u00XX`).
+static ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[b'\n' as usize] = b'n';
+    t[b'\r' as usize] = b'r';
+    t[b'\t' as usize] = b't';
+    t[0x08] = b'b';
+    t[0x0c] = b'f';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
+/// Appends `s` (valid UTF-8) to `out` escaped as the inside of a JSON string.
+pub fn escape_json(s: &[u8], out: &mut Vec<u8>) {
+    out.reserve(s.len() + 2);
+    let mut start = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let e = ESCAPE[b as usize];
+        if e == 0 {
+            continue;
+        }
+        out.extend_from_slice(&s[start..i]);
+        if e == b'u' {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ]);
+        } else {
+            out.extend_from_slice(&[b'\\', e]);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&s[start..]);
+}
+
+/// Where an event ends in the payload and whose it is.
+#[derive(Debug, Clone, Copy)]
+pub struct EventMeta {
+    /// End of the event's encoding in the (uncompressed) payload.
+    pub end: u32,
+    /// Index into [`Batch::files`].
+    pub file: u32,
+    /// Byte offset of the event in its file.
+    pub offset: u64,
+}
+
+/// "Everything of file `key` before `offset` is in this batch or an earlier one."
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The file.
+    pub key: FileKey,
+    /// Offset just past the last byte delivered.
+    pub offset: u64,
+}
+
+/// A unit of delivery.
+#[derive(Debug)]
+pub struct Batch {
+    /// Order of creation; the uploader applies acks in this order.
+    pub seq: u64,
+    /// Encoded events; compressed as `compression` says.
+    pub payload: Vec<u8>,
+    /// How `payload` is compressed now.
+    pub compression: Compression,
+    /// Payload size before compression.
+    pub raw_bytes: usize,
+    /// One entry per event, in payload order.
+    pub events: Vec<EventMeta>,
+    /// The files the events belong to.
+    pub files: Vec<Arc<FileMeta>>,
+    /// Offsets acknowledged once this batch is delivered (one per file, the last wins).
+    pub acks: Vec<Ack>,
+    /// Changes to the set of tracked files, applied before `acks`.
+    pub updates: Vec<FileUpdate>,
+    /// Changes applied after `acks` (releases).
+    pub releases: Vec<FileUpdate>,
+    /// When the first event or update entered the batch.
+    pub opened: Instant,
+}
+
+impl Batch {
+    /// The events' (uncompressed) payload slice for event `i`.
+    pub fn event_bytes(&self, i: usize) -> &[u8] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.events[i - 1].end as usize
+        };
+        &self.payload[start..self.events[i].end as usize]
+    }
+}
+
+/// Limits that close a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Payload bytes.
+    pub max_bytes: usize,
+    /// Events.
+    pub max_events: usize,
+    /// Age of the first event.
+    pub linger: std::time::Duration,
+}
+
+/// Builds batches on the reader thread.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    limits: BatchLimits,
+    encoder: Box<dyn Encoder>,
+    next_seq: u64,
+    cur: Option<Batch>,
+    /// Index in `cur.files` of the file last pushed (events of one file come in runs).
+    last_file: Option<(FileKey, u32)>,
+}
+
+impl BatchBuilder {
+    /// A builder encoding with `encoder`.
+    pub fn new(limits: BatchLimits, encoder: Box<dyn Encoder>) -> BatchBuilder {
+        BatchBuilder {
+            limits,
+            encoder,
+            next_seq: 0,
+            cur: None,
+            last_file: None,
+        }
+    }
+
+    fn cur(&mut self) -> &mut Batch {
+        let seq = self.next_seq;
+        let cap = self.limits.max_bytes + self.limits.max_bytes / 8;
+        self.cur.get_or_insert_with(|| Batch {
+            seq,
+            payload: Vec::with_capacity(cap),
+            compression: Compression::None,
+            raw_bytes: 0,
+            events: Vec::new(),
+            files: Vec::new(),
+            acks: Vec::new(),
+            updates: Vec::new(),
+            releases: Vec::new(),
+            opened: Instant::now(),
+        })
+    }
+
+    /// Encodes one event into the open batch.
+    pub fn push(&mut self, meta: &Arc<FileMeta>, message: &[u8], offset: u64, ts: &Timestamp) {
+        let file_idx = match self.last_file {
+            Some((k, i)) if k == meta.key && self.cur.is_some() => i,
+            _ => {
+                let b = self.cur();
+                let i = match b.files.iter().rposition(|f| Arc::ptr_eq(f, meta)) {
+                    Some(i) => i as u32,
+                    None => {
+                        b.files.push(Arc::clone(meta));
+                        (b.files.len() - 1) as u32
+                    }
+                };
+                self.last_file = Some((meta.key, i));
+                i
+            }
+        };
+        let ev = Event {
+            message,
+            offset,
+            meta,
+            timestamp: ts,
+        };
+        let b = self.cur.as_mut().expect("cur() was called above");
+        self.encoder.encode(&ev, &mut b.payload);
+        b.events.push(EventMeta {
+            end: b.payload.len() as u32,
+            file: file_idx,
+            offset,
+        });
+    }
+
+    /// Records that `key` is delivered up to `offset` once the open batch is.
+    pub fn ack(&mut self, key: FileKey, offset: u64) {
+        let b = self.cur();
+        match b.acks.iter_mut().rev().find(|a| a.key == key) {
+            Some(a) => a.offset = offset,
+            None => b.acks.push(Ack { key, offset }),
+        }
+    }
+
+    /// Records a change to the tracked files (a release goes after the acks).
+    pub fn update(&mut self, u: FileUpdate) {
+        let b = self.cur();
+        if matches!(u, FileUpdate::Release { .. }) {
+            b.releases.push(u);
+        } else {
+            b.updates.push(u);
+        }
+    }
+
+    /// Whether the open batch reached its size or count limit.
+    pub fn is_full(&self) -> bool {
+        self.cur.as_ref().is_some_and(|b| {
+            b.payload.len() >= self.limits.max_bytes || b.events.len() >= self.limits.max_events
+        })
+    }
+
+    /// Whether the open batch has waited `linger`.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.cur
+            .as_ref()
+            .is_some_and(|b| now.duration_since(b.opened) >= self.limits.linger)
+    }
+
+    /// When the open batch becomes due, if there is one.
+    pub fn due_at(&self) -> Option<Instant> {
+        self.cur.as_ref().map(|b| b.opened + self.limits.linger)
+    }
+
+    /// Whether anything is in the open batch.
+    pub fn is_empty(&self) -> bool {
+        self.cur.is_none()
+    }
+
+    /// Closes the open batch and returns it.
+    pub fn take(&mut self) -> Option<Batch> {
+        let mut b = self.cur.take()?;
+        self.last_file = None;
+        self.next_seq += 1;
+        b.raw_bytes = b.payload.len();
+        Some(b)
+    }
+}
+
+/// Compresses batch payloads whole (one zstd frame per batch); runs on its own thread.
+#[derive(Debug)]
+pub struct Compressor {
+    kind: Compression,
+    level: i32,
+    scratch: Vec<u8>,
+}
+
+/// Compression failed (out of memory, a bad level): the batch is sent uncompressed instead.
+#[derive(Debug, thiserror::Error)]
+#[error("compressing batch {seq}: {source}")]
+pub struct CompressError {
+    /// The batch.
+    pub seq: u64,
+    /// The codec's error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Compressor {
+    /// A compressor producing `kind` at `level`.
+    pub fn new(kind: Compression, level: i32) -> Compressor {
+        Compressor {
+            kind,
+            level,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Replaces `b.payload` with its compressed form.
+    pub fn compress(&mut self, b: &mut Batch) -> Result<(), CompressError> {
+        if b.compression != Compression::None || self.kind == Compression::None {
+            return Ok(());
+        }
+        self.scratch.clear();
+        let res = match self.kind {
+            Compression::Zstd => {
+                self.scratch
+                    .reserve(zstd::zstd_safe::compress_bound(b.payload.len()));
+                zstd::stream::copy_encode(&b.payload[..], &mut self.scratch, self.level)
+            }
+            Compression::Gzip => {
+                return Err(CompressError {
+                    seq: b.seq,
+                    source: std::io::Error::other("gzip is done by the sink that needs it"),
+                })
+            }
+            Compression::None => Ok(()),
+        };
+        res.map_err(|source| CompressError { seq: b.seq, source })?;
+        std::mem::swap(&mut b.payload, &mut self.scratch);
+        b.compression = self.kind;
+        // Keep the larger buffer for the next batch only if it's not excessive.
+        if self.scratch.capacity() > 64 << 20 {
+            self.scratch = Vec::new();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Arc<FileMeta> {
+        Arc::new(FileMeta::new(
+            7,
+            Arc::from("nginx"),
+            "/var/log/a \"q\"/access.log".into(),
+            vec![
+                ("pod".into(), "p-1".into()),
+                ("ns".into(), "default".into()),
+            ],
+            0xabc,
+        ))
+    }
+
+    #[test]
+    fn ndjson_is_valid_json_with_every_field() {
+        let m = meta();
+        let ts = Timestamp::at(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1500));
+        let mut out = Vec::new();
+        let msg = "tab\there \"quoted\" back\\slash \u{1} ünï".as_bytes();
+        NdjsonEncoder.encode(
+            &Event {
+                message: msg,
+                offset: 42,
+                meta: &m,
+                timestamp: &ts,
+            },
+            &mut out,
+        );
+        let s = String::from_utf8(out).expect("utf8");
+        assert!(s.ends_with("}\n"));
+        assert_eq!(
+            s,
+            "{\"timestamp\":\"1970-01-01T00:00:01.500Z\",\"message\":\"tab\\there \\\"quoted\\\" back\\\\slash \\u0001 ünï\",\"source\":\"nginx\",\"file\":\"/var/log/a \\\"q\\\"/access.log\",\"offset\":42,\"tags\":{\"pod\":\"p-1\",\"ns\":\"default\"}}\n"
+        );
+    }
+
+    #[test]
+    fn builder_closes_on_limits_and_keeps_acks_per_file() {
+        let limits = BatchLimits {
+            max_bytes: 1024,
+            max_events: 3,
+            linger: std::time::Duration::from_secs(60),
+        };
+        let mut b = BatchBuilder::new(limits, Box::new(NdjsonEncoder));
+        let m = meta();
+        let ts = Timestamp::now();
+        for i in 0..3 {
+            assert!(!b.is_full());
+            b.push(&m, b"x", i, &ts);
+            b.ack(7, i + 2);
+        }
+        assert!(b.is_full());
+        let batch = b.take().expect("a batch");
+        assert_eq!(batch.events.len(), 3);
+        assert_eq!(batch.files.len(), 1);
+        assert_eq!(batch.acks, vec![Ack { key: 7, offset: 4 }]);
+        assert_eq!(batch.event_bytes(1).last(), Some(&b'\n'));
+        assert!(b.take().is_none());
+        b.ack(1, 1);
+        assert_eq!(b.take().map(|b| b.seq), Some(1));
+    }
+
+    #[test]
+    fn zstd_frame_roundtrips() {
+        let mut b = BatchBuilder::new(
+            BatchLimits {
+                max_bytes: 1 << 20,
+                max_events: 100,
+                linger: std::time::Duration::ZERO,
+            },
+            Box::new(NdjsonEncoder),
+        );
+        let m = meta();
+        let ts = Timestamp::now();
+        b.push(&m, b"hello", 0, &ts);
+        let mut batch = b.take().expect("batch");
+        let raw = batch.payload.clone();
+        Compressor::new(Compression::Zstd, 1)
+            .compress(&mut batch)
+            .expect("compress");
+        assert_eq!(batch.compression, Compression::Zstd);
+        assert_eq!(zstd::decode_all(&batch.payload[..]).expect("decode"), raw);
+    }
+}

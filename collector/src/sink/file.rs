@@ -1,0 +1,293 @@
+//! The file sink: batches appended to numbered segment files in a directory.
+//!
+//! Segments are `voltail-<seq>.ndjson.zst` (one zstd frame per batch, so a partly written
+//! segment still decompresses up to its last whole frame) or `voltail-<seq>.ndjson`, and roll
+//! at `segment_max_bytes`. The sink takes part in the checkpoint: `commit` fsyncs and returns
+//! the cursor (segment, length, and a tag of the directory and format); `recover` truncates the
+//! segment back to that length and deletes later segments. Whatever was written after the last
+//! checkpoint is therefore removed and read again from the files, so after a crash at any
+//! instant the output holds every line exactly once.
+//!
+//! It does not rotate old segments away: that is the consumer's job.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{Sink, SinkError, SinkErrorKind};
+use crate::batch::Batch;
+use crate::config::{Compression, FileSinkConfig};
+
+const PREFIX: &str = "voltail-";
+
+/// Appends batches to segment files.
+#[derive(Debug)]
+pub struct FileSink {
+    dir: PathBuf,
+    ext: &'static str,
+    max_bytes: u64,
+    tag: u64,
+    seq: u64,
+    len: u64,
+    file: Option<File>,
+    dir_dirty: bool,
+}
+
+fn err(kind: SinkErrorKind, reason: &'static str, message: String) -> SinkError {
+    SinkError {
+        sink: "file",
+        kind,
+        reason,
+        message,
+    }
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> SinkError {
+    // A full or read-only disk may be fixed by an operator: retry rather than give up.
+    err(
+        SinkErrorKind::Transient,
+        "io",
+        format!("{what} {}: {e}", path.display()),
+    )
+}
+
+impl FileSink {
+    /// Creates the directory if needed; nothing is opened until `recover`.
+    pub fn open(cfg: &FileSinkConfig) -> Result<FileSink, SinkError> {
+        std::fs::create_dir_all(&cfg.path).map_err(|e| io("create directory", &cfg.path, e))?;
+        let ext = match cfg.compression {
+            Compression::Zstd => "ndjson.zst",
+            _ => "ndjson",
+        };
+        let tag = xxhash_rust::xxh3::xxh3_64(format!("{}\0{ext}", cfg.path.display()).as_bytes());
+        Ok(FileSink {
+            dir: cfg.path.clone(),
+            ext,
+            max_bytes: cfg.segment_max_bytes,
+            tag,
+            seq: 0,
+            len: 0,
+            file: None,
+            dir_dirty: false,
+        })
+    }
+
+    /// Path of segment `seq`.
+    pub fn segment_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{PREFIX}{seq:010}.{}", self.ext))
+    }
+
+    /// Sequence numbers of the segments in the directory (any format), sorted.
+    fn segments(&self) -> Result<Vec<(u64, PathBuf)>, SinkError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| io("list", &self.dir, e))?;
+        let mut out = Vec::new();
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let Some((num, _)) = rest.split_once('.') else {
+                continue;
+            };
+            if let Ok(seq) = num.parse::<u64>() {
+                out.push((seq, ent.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn open_segment(&mut self, seq: u64, len: u64) -> Result<(), SinkError> {
+        let path = self.segment_path(seq);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("open", &path, e))?;
+        f.set_len(len).map_err(|e| io("truncate", &path, e))?;
+        self.file = Some(f);
+        self.seq = seq;
+        self.len = len;
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), SinkError> {
+        if let Some(f) = &self.file {
+            f.sync_data()
+                .map_err(|e| io("fsync", &self.segment_path(self.seq), e))?;
+        }
+        if self.dir_dirty {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("fsync directory", &self.dir, e))?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+}
+
+fn encode_cursor(tag: u64, seq: u64, len: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(24);
+    c.extend_from_slice(&tag.to_le_bytes());
+    c.extend_from_slice(&seq.to_le_bytes());
+    c.extend_from_slice(&len.to_le_bytes());
+    c
+}
+
+fn decode_cursor(c: &[u8]) -> Option<(u64, u64, u64)> {
+    if c.len() != 24 {
+        return None;
+    }
+    let n = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
+    Some((n(0), n(8), n(16)))
+}
+
+impl Sink for FileSink {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn recover(&mut self, cursor: Option<&[u8]>) -> Result<(), SinkError> {
+        let segs = self.segments()?;
+        match cursor.and_then(decode_cursor) {
+            Some((tag, seq, len)) if tag == self.tag => {
+                // Undo what was written after the checkpoint: it will be read again.
+                for (s, p) in segs.iter().filter(|(s, _)| *s > seq) {
+                    tracing::info!(segment = %p.display(), seq = s, "removing segment written after the checkpoint");
+                    std::fs::remove_file(p).map_err(|e| io("remove", p, e))?;
+                }
+                let path = self.segment_path(seq);
+                let have = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                if have < len {
+                    tracing::error!(segment = %path.display(), expected = len, found = have,
+                        "sink segment is shorter than the checkpoint says: output was lost outside voltail");
+                }
+                self.open_segment(seq, len.min(have))?;
+            }
+            other => {
+                if other.is_some() {
+                    tracing::warn!(dir = %self.dir.display(), "sink cursor is for another directory or format; starting a new segment");
+                }
+                let next = segs.last().map(|(s, _)| s + 1).unwrap_or(0);
+                self.open_segment(next, 0)?;
+            }
+        }
+        self.sync()
+    }
+
+    fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.payload.is_empty() {
+            return Ok(());
+        }
+        if batch.compression != Compression::None && self.ext == "ndjson" {
+            return Err(err(
+                SinkErrorKind::Permanent,
+                "format",
+                "compressed batch for an uncompressed sink".into(),
+            ));
+        }
+        if self.file.is_none() {
+            self.recover(None)?;
+        }
+        if self.len > 0 && self.len + batch.payload.len() as u64 > self.max_bytes {
+            self.sync()?;
+            let next = self.seq + 1;
+            self.open_segment(next, 0)?;
+        }
+        let f = self.file.as_ref().expect("a segment is open");
+        if let Err(e) = f.write_all_at(&batch.payload, self.len) {
+            // Never leave a partial frame behind: the retry writes it whole at the same place.
+            let _ = f.set_len(self.len);
+            return Err(io("write", &self.segment_path(self.seq), e));
+        }
+        self.len += batch.payload.len() as u64;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
+        self.sync()?;
+        Ok(encode_cursor(self.tag, self.seq, self.len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, BatchLimits, FileMeta, NdjsonEncoder, Timestamp};
+    use std::sync::Arc;
+
+    fn batch(lines: &[&str]) -> Batch {
+        let mut b = BatchBuilder::new(
+            BatchLimits {
+                max_bytes: 1 << 20,
+                max_events: 1000,
+                linger: std::time::Duration::ZERO,
+            },
+            Box::new(NdjsonEncoder),
+        );
+        let m = Arc::new(FileMeta::new(1, Arc::from("s"), "/f".into(), vec![], 0));
+        let ts = Timestamp::now();
+        for (i, l) in lines.iter().enumerate() {
+            b.push(&m, l.as_bytes(), i as u64, &ts);
+        }
+        b.take().expect("batch")
+    }
+
+    fn cfg(dir: &Path, compression: Compression, seg: u64) -> FileSinkConfig {
+        FileSinkConfig {
+            path: dir.to_path_buf(),
+            compression,
+            compression_level: 1,
+            segment_max_bytes: seg,
+        }
+    }
+
+    fn all_output(dir: &Path) -> String {
+        let mut segs: Vec<_> = std::fs::read_dir(dir)
+            .expect("ls")
+            .map(|e| e.expect("e").path())
+            .collect();
+        segs.sort();
+        segs.iter()
+            .map(|p| std::fs::read_to_string(p).expect("read"))
+            .collect()
+    }
+
+    #[test]
+    fn recover_truncates_to_cursor_and_drops_later_segments() {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut s = FileSink::open(&cfg(d.path(), Compression::None, 4096)).expect("open");
+        s.recover(None).expect("recover");
+        s.send(&batch(&["a", "b"])).expect("send");
+        let cursor = s.commit().expect("commit");
+        for _ in 0..40 {
+            s.send(&batch(&["after checkpoint"])).expect("send");
+        }
+        assert!(s.seq > 0, "rolled to more segments");
+        drop(s);
+        let mut s = FileSink::open(&cfg(d.path(), Compression::None, 4096)).expect("reopen");
+        s.recover(Some(&cursor)).expect("recover");
+        let out = all_output(d.path());
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(!out.contains("after checkpoint"));
+        s.send(&batch(&["c"])).expect("send");
+        assert_eq!(all_output(d.path()).lines().count(), 3);
+    }
+
+    #[test]
+    fn fresh_start_never_touches_existing_segments() {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut s = FileSink::open(&cfg(d.path(), Compression::None, 1 << 20)).expect("open");
+        s.recover(None).expect("recover");
+        s.send(&batch(&["x"])).expect("send");
+        s.commit().expect("commit");
+        let mut s2 = FileSink::open(&cfg(d.path(), Compression::None, 1 << 20)).expect("open");
+        s2.recover(Some(&[1, 2, 3])).expect("foreign cursor");
+        assert_eq!(s2.seq, 1);
+        assert_eq!(all_output(d.path()).lines().count(), 1);
+    }
+}

@@ -1,0 +1,65 @@
+//! Sinks: where batches go, and what "acknowledged" means for each.
+//!
+//! A [`Sink`] takes batches in order from the uploader. `send` returning `Ok` is the
+//! acknowledgement (the batch is written, or the backend answered 2xx); `commit` makes
+//! everything sent so far durable and returns a *cursor* that the uploader stores in the same
+//! checkpoint write as the file offsets. On start, `recover` gets that cursor back, so a sink that
+//! can roll back (the file sink truncates its segment) makes delivery exactly-once across a crash.
+//!
+//! Each sink also chooses the [`Encoder`] the readers use to write events into batches, and the
+//! whole-batch compression (`SinkConfig::compression`); the sink itself does neither.
+
+pub mod file;
+
+use crate::batch::{Batch, Encoder, NdjsonEncoder};
+use crate::config::SinkConfig;
+
+/// Why a batch was not delivered.
+#[derive(Debug, thiserror::Error)]
+#[error("{sink} sink: {message}")]
+pub struct SinkError {
+    /// The sink type.
+    pub sink: &'static str,
+    /// Whether trying again can succeed.
+    pub kind: SinkErrorKind,
+    /// Short label for the `reason` metric label (bounded set: `io`, `timeout`, `http_5xx`, ...).
+    pub reason: &'static str,
+    /// What went wrong, with the backend's own words where it gave any.
+    pub message: String,
+}
+
+/// Transient errors are retried with backoff; permanent ones go to the dead-letter file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkErrorKind {
+    /// Timeouts, connection errors, 5xx, 429, a full disk.
+    Transient,
+    /// The backend refuses this batch and will refuse it again.
+    Permanent,
+}
+
+/// A destination for batches.
+pub trait Sink: Send {
+    /// Type name, for logs and metric labels.
+    fn name(&self) -> &'static str;
+    /// Brings the sink back to the state recorded by `cursor` (from the checkpoint); `None` on a
+    /// first start or when the checkpoint was lost.
+    fn recover(&mut self, cursor: Option<&[u8]>) -> Result<(), SinkError>;
+    /// Delivers one batch; `Ok` is the acknowledgement.
+    fn send(&mut self, batch: &Batch) -> Result<(), SinkError>;
+    /// Makes everything sent so far durable and returns the cursor to checkpoint with it.
+    fn commit(&mut self) -> Result<Vec<u8>, SinkError>;
+}
+
+/// Builds the sink described by `cfg`.
+pub fn build(cfg: &SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
+    match cfg {
+        SinkConfig::File(f) => Ok(Box::new(file::FileSink::open(f)?)),
+    }
+}
+
+/// The event encoder the readers use for `cfg`.
+pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
+    match cfg {
+        SinkConfig::File(_) => Box::new(NdjsonEncoder),
+    }
+}
