@@ -118,6 +118,9 @@ pub enum ProbeError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The thread that drains the ring buffer could not be started.
+    #[error("starting the probe's drain thread failed")]
+    Thread(#[source] std::io::Error),
 }
 
 /// A loaded and attached probe. Dropping it detaches the programs and frees the maps.

@@ -12,5 +12,6 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod identity;
+pub mod probe;
 pub mod sink;
 pub mod tail;
