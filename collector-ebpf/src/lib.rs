@@ -18,6 +18,7 @@
 
 pub mod dev;
 mod loader;
+mod ring;
 
 use std::time::Duration;
 
@@ -57,8 +58,11 @@ pub enum Attach {
     TpBtf,
 }
 
+/// Default of [`ProbeOptions::batch_window`].
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+
 /// What to watch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProbeOptions {
     /// `st_dev` of the watched filesystems; writes elsewhere are filtered out in the kernel.
     pub devices: Vec<u64>,
@@ -66,6 +70,22 @@ pub struct ProbeOptions {
     pub ignore_pid: u32,
     /// Attachment flavour; [`Attach::Auto`] unless testing the fallback.
     pub attach: Attach,
+    /// After a [`Probe::poll`] that returned events, the next one gathers events for at least
+    /// this long before returning. Bounds the reader's wake-ups (and the writers' cost of waking
+    /// it) to one per window under a steady write load; a write after a quiet spell is still
+    /// delivered at once. Zero wakes per event.
+    pub batch_window: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            devices: Vec::new(),
+            ignore_pid: 0,
+            attach: Attach::Auto,
+            batch_window: DEFAULT_BATCH_WINDOW,
+        }
+    }
 }
 
 /// Why the probe cannot run, or failed while running.
@@ -144,7 +164,9 @@ impl Probe {
 
     /// Waits up to `timeout` for events, then appends every available one to `out`.
     ///
-    /// Returns early as soon as at least one event is there; an interrupted wait returns `Ok`.
+    /// Returns as soon as at least one event is there, except within
+    /// [`ProbeOptions::batch_window`] of the previous call that returned events, where it first
+    /// sleeps out the window. An interrupted wait returns `Ok`.
     pub fn poll(&mut self, timeout: Duration, out: &mut Vec<WriteEvent>) -> Result<(), ProbeError> {
         self.inner.poll(timeout, out)
     }
@@ -152,6 +174,13 @@ impl Probe {
     /// Events dropped in the kernel because the ring buffer was full, since load.
     pub fn lost(&self) -> Result<u64, ProbeError> {
         self.inner.lost()
+    }
+
+    /// Writes folded into an event that was still unread (same file, same process, same CPU),
+    /// since load. They cost no ring-buffer space and need no event: the daemon reads the file
+    /// when the unread event arrives.
+    pub fn coalesced(&self) -> Result<u64, ProbeError> {
+        self.inner.coalesced()
     }
 
     /// Which attachment flavour is in use.

@@ -11,12 +11,13 @@ use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 
+use crate::ring::Ring;
 use crate::{dev, Attach, ProbeError, ProbeOptions, WriteEvent};
 
 /// The BPF object `build.rs` compiled, or `None` when clang was missing.
@@ -27,6 +28,9 @@ static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 )));
 #[cfg(not(voltail_probe))]
 static OBJECT: Option<&[u8]> = None;
+
+/// Size of the `events` ring buffer: 1 MiB holds about 21,000 events (40 bytes + 8 header).
+const RING_BYTES: u32 = 1 << 20;
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS_MOUNT: &str = "/sys/kernel/tracing";
@@ -70,10 +74,14 @@ unsafe impl aya::Pod for ProbeConfig {}
 pub(crate) struct Loaded {
     /// Owns the programs and their links; dropping it detaches them.
     ebpf: Ebpf,
-    events: RingBuf<MapData>,
+    events: Ring,
     watched: HashMap<MapData, u32, u8>,
     lost: PerCpuArray<MapData, u64>,
+    coalesced: PerCpuArray<MapData, u64>,
     attach: Attach,
+    batch_window: Duration,
+    /// When the last drain that found events ended.
+    last_batch: Option<Instant>,
 }
 
 impl fmt::Debug for Loaded {
@@ -94,7 +102,11 @@ impl Loaded {
                 source,
             });
         }
+        // aya has no user-space type for task storage (`pending`), which only the kernel side
+        // uses; this lets the loader create it anyway.
         let mut ebpf = EbpfLoader::new()
+            .allow_unsupported_maps()
+            .map_max_entries("events", RING_BYTES)
             .load(object)
             .map_err(|e| load_error("object", e))?;
 
@@ -113,8 +125,15 @@ impl Loaded {
                 .map_err(|e| map_error("config", "setting the ignored pid failed", e))?;
         }
         let events = ebpf.take_map("events").ok_or_else(|| missing("events"))?;
-        let events = RingBuf::try_from(events)
-            .map_err(|e| map_error("events", "is not a usable ring buffer", e))?;
+        let Map::RingBuf(events) = events else {
+            return Err(ProbeError::Map {
+                map: "events",
+                what: "is not a ring buffer",
+                source: None,
+            });
+        };
+        let events = Ring::new(events, RING_BYTES)
+            .map_err(|e| map_error("events", "mapping the ring buffer failed", e))?;
         let watched = ebpf
             .take_map("watched_devs")
             .ok_or_else(|| missing("watched_devs"))?;
@@ -123,13 +142,21 @@ impl Loaded {
         let lost = ebpf.take_map("lost").ok_or_else(|| missing("lost"))?;
         let lost =
             PerCpuArray::try_from(lost).map_err(|e| map_error("lost", "has the wrong type", e))?;
+        let coalesced = ebpf
+            .take_map("coalesced")
+            .ok_or_else(|| missing("coalesced"))?;
+        let coalesced = PerCpuArray::try_from(coalesced)
+            .map_err(|e| map_error("coalesced", "has the wrong type", e))?;
 
         let mut loaded = Loaded {
             ebpf,
             events,
             watched,
             lost,
+            coalesced,
             attach: opts.attach,
+            batch_window: opts.batch_window,
+            last_batch: None,
         };
         loaded.set_devices(&opts.devices)?;
         loaded.attach = loaded.attach_programs(opts.attach)?;
@@ -244,7 +271,18 @@ impl Loaded {
         timeout: Duration,
         out: &mut Vec<WriteEvent>,
     ) -> Result<(), ProbeError> {
+        // Within the batch window after a drain that found events, sleep out the rest of the
+        // window instead of waiting on the fd: the kernel wakes a waiting reader for the first
+        // record after it caught up, so a reader that wakes per event costs the writer a
+        // wake-up per write. Events gather meanwhile and come in one drain.
+        if let Some(last) = self.last_batch {
+            let rest = self.batch_window.saturating_sub(last.elapsed());
+            if !rest.is_zero() {
+                std::thread::sleep(rest.min(timeout));
+            }
+        }
         if self.drain(out) > 0 {
+            self.last_batch = Some(Instant::now());
             return Ok(());
         }
         let mut pfd = libc::pollfd {
@@ -267,33 +305,29 @@ impl Loaded {
                 err,
             ));
         }
-        self.drain(out);
+        if self.drain(out) > 0 {
+            self.last_batch = Some(Instant::now());
+        }
         Ok(())
     }
 
     /// Moves the available events into `out`; returns how many.
     fn drain(&mut self, out: &mut Vec<WriteEvent>) -> usize {
-        let mut n = 0;
-        while n < MAX_DRAIN {
-            let Some(item) = self.events.next() else {
-                break;
-            };
-            if item.len() < std::mem::size_of::<WriteEvent>() {
+        self.events.drain(MAX_DRAIN, |record| {
+            if record.len() < std::mem::size_of::<WriteEvent>() {
                 // Cannot happen with our program; skip rather than read past the record.
-                continue;
+                return;
             }
             // SAFETY: the record holds at least size_of::<WriteEvent>() bytes, written by the BPF
             // program as a `struct write_event`, whose layout `WriteEvent` mirrors (a unit test
             // checks it). Every bit pattern is a valid `WriteEvent` (plain integers), and
             // `read_unaligned` makes no assumption about the record's alignment.
             let mut event: WriteEvent =
-                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<WriteEvent>()) };
+                unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<WriteEvent>()) };
             // The program stores the kernel's 32-bit dev_t zero-extended.
             event.dev = dev::st_dev_from_kernel(event.dev as u32);
             out.push(event);
-            n += 1;
-        }
-        n
+        })
     }
 
     pub(crate) fn lost(&self) -> Result<u64, ProbeError> {
@@ -301,6 +335,14 @@ impl Loaded {
             .lost
             .get(&0, 0)
             .map_err(|e| map_error("lost", "reading the drop counters failed", e))?;
+        Ok(values.iter().sum())
+    }
+
+    pub(crate) fn coalesced(&self) -> Result<u64, ProbeError> {
+        let values = self
+            .coalesced
+            .get(&0, 0)
+            .map_err(|e| map_error("coalesced", "reading the counters failed", e))?;
         Ok(values.iter().sum())
     }
 

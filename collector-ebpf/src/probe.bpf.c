@@ -8,7 +8,10 @@
  * device and the writer is not the collector itself. On exit, when the call
  * wrote at least one byte, it sends {dev, ino, bytes, pid, cgroup_id} to user
  * space through a ring buffer. A full ring buffer drops the event and counts it
- * in `lost`.
+ * in `lost`. A write whose file already has an unread event from the same
+ * process on the same CPU is folded into it (counted in `coalesced`): the
+ * daemon reads the whole file when that event arrives, so a second event would
+ * only cost ring-buffer space and wake-ups.
  *
  * Two attachment flavours share the same logic:
  *   - classic tracepoints syscalls/sys_{enter,exit}_{write,writev,pwrite64,pwritev}
@@ -44,6 +47,7 @@ struct write_event {
 struct pending {
 	__u64 dev;
 	__u64 ino;
+	__u64 valid;
 };
 
 /* Keep in step with `ProbeConfig` in lib.rs. */
@@ -73,15 +77,47 @@ struct {
 } config SEC(".maps");
 
 /*
- * Thread id -> the file it is writing. LRU so that entries of threads killed
- * inside a write (no exit event) age out instead of filling the map.
+ * Per thread: the file its write in flight goes to. Task-local storage rather
+ * than a hash keyed by thread id: a lookup is a pointer chase instead of a
+ * hash and lock, nothing needs deleting (exit clears `valid`), and the kernel
+ * frees it when the thread ends.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct pending);
 } pending SEC(".maps");
+
+/*
+ * Per CPU: the last event this CPU emitted, and where the ring buffer's producer
+ * stood just before it was reserved (<= the record's position). While the
+ * consumer has not passed that position the record is still unread, so another
+ * write to the same file by the same process adds nothing the daemon needs: the
+ * file is read after the unread event arrives, and so after this write too.
+ */
+struct last_emit {
+	__u64 dev;
+	__u64 ino;
+	__u64 pos;
+	__u32 tgid;
+	__u32 valid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct last_emit);
+} last_emit SEC(".maps");
+
+/* Writes folded into an unread event (see last_emit), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} coalesced SEC(".maps");
 
 /* Events dropped because the ring buffer was full, per CPU. */
 struct {
@@ -95,7 +131,6 @@ static __always_inline int on_enter(unsigned long fd)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
-	__u32 tid = (__u32)pid_tgid;
 	__u32 zero = 0;
 
 	struct probe_config *cfg = bpf_map_lookup_elem(&config, &zero);
@@ -123,39 +158,58 @@ static __always_inline int on_enter(unsigned long fd)
 	if (!bpf_map_lookup_elem(&watched_devs, &dev))
 		return 0;
 
-	struct pending p = {
-		.dev = dev,
-		.ino = BPF_CORE_READ(inode, i_ino),
-	};
-	bpf_map_update_elem(&pending, &tid, &p, BPF_ANY);
+	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p)
+		return 0;
+	p->dev = dev;
+	p->ino = BPF_CORE_READ(inode, i_ino);
+	p->valid = 1;
 	return 0;
 }
 
 static __always_inline int on_exit(long ret)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
-
-	struct pending *p = bpf_map_lookup_elem(&pending, &tid);
-	if (!p)
+	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0, 0);
+	if (!p || !p->valid)
 		return 0;
 	struct pending file = *p;
-	bpf_map_delete_elem(&pending, &tid);
+	p->valid = 0;
 	if (ret <= 0)
 		return 0;
 
-	struct write_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		__u32 zero = 0;
-		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	__u32 tgid = pid_tgid >> 32;
+	struct last_emit *last = bpf_map_lookup_elem(&last_emit, &zero);
+	if (last && last->valid && last->dev == file.dev && last->ino == file.ino &&
+	    last->tgid == tgid &&
+	    bpf_ringbuf_query(&events, BPF_RB_CONS_POS) <= last->pos) {
+		__u64 *n = bpf_map_lookup_elem(&coalesced, &zero);
 		if (n)
 			*n += 1; /* per-CPU slot: no other writer */
 		return 0;
 	}
+
+	__u64 pos = bpf_ringbuf_query(&events, BPF_RB_PROD_POS);
+	struct write_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+		if (n)
+			*n += 1;
+		return 0;
+	}
+	if (last) {
+		last->dev = file.dev;
+		last->ino = file.ino;
+		last->pos = pos;
+		last->tgid = tgid;
+		last->valid = 1;
+	}
 	e->dev = file.dev;
 	e->ino = file.ino;
 	e->bytes = ret;
-	e->pid = pid_tgid >> 32;
+	e->pid = tgid;
 	e->_pad = 0;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_ringbuf_submit(e, 0);
@@ -167,25 +221,25 @@ static __always_inline int on_exit(long ret)
 SEC("tracepoint/syscalls/sys_enter_write")
 int voltail_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(BPF_CORE_READ(ctx, args[0]));
+	return on_enter(ctx->args[0]);
 }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
 int voltail_enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(BPF_CORE_READ(ctx, args[0]));
+	return on_enter(ctx->args[0]);
 }
 
 SEC("tracepoint/syscalls/sys_enter_pwrite64")
 int voltail_enter_pwrite64(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(BPF_CORE_READ(ctx, args[0]));
+	return on_enter(ctx->args[0]);
 }
 
 SEC("tracepoint/syscalls/sys_enter_pwritev")
 int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(BPF_CORE_READ(ctx, args[0]));
+	return on_enter(ctx->args[0]);
 }
 
 /*
@@ -195,25 +249,25 @@ int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_write")
 int voltail_exit_write(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(BPF_CORE_READ(ctx, ret));
+	return on_exit(ctx->ret);
 }
 
 SEC("tracepoint/syscalls/sys_exit_writev")
 int voltail_exit_writev(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(BPF_CORE_READ(ctx, ret));
+	return on_exit(ctx->ret);
 }
 
 SEC("tracepoint/syscalls/sys_exit_pwrite64")
 int voltail_exit_pwrite64(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(BPF_CORE_READ(ctx, ret));
+	return on_exit(ctx->ret);
 }
 
 SEC("tracepoint/syscalls/sys_exit_pwritev")
 int voltail_exit_pwritev(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(BPF_CORE_READ(ctx, ret));
+	return on_exit(ctx->ret);
 }
 
 #if defined(__TARGET_ARCH_x86)

@@ -45,6 +45,7 @@ fn load(devices: Vec<u64>, attach: Attach) -> Probe {
         devices,
         ignore_pid: std::process::id(),
         attach,
+        ..ProbeOptions::default()
     };
     match Probe::load(&opts) {
         Ok(p) => p,

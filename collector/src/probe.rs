@@ -84,7 +84,7 @@ pub fn spawn(
     let opts = ProbeOptions {
         devices,
         ignore_pid: std::process::id(),
-        attach: Attach::Auto,
+        ..ProbeOptions::default()
     };
     let started = Probe::load(&opts).and_then(|probe| {
         let attach = probe.attach_kind();
