@@ -410,3 +410,93 @@ fn events_carry_the_writer_cgroup_id() {
         None => assert_ne!(event.cgroup_id, 0),
     }
 }
+
+/// A tmpfs mounted on a temp dir: a device only this test writes to. Unmounted on drop.
+struct PrivateTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateTmpfs {
+    fn new() -> PrivateTmpfs {
+        let dir = temp_dir();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "voltail-probe-test"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mounting a tmpfs on {} failed",
+            dir.path().display()
+        );
+        PrivateTmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PrivateTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn writes_into_an_unread_event_are_folded_and_a_write_after_the_drain_is_reported() {
+    if can_test("writes_into_an_unread_event_are_folded_and_a_write_after_the_drain_is_reported")
+        .is_none()
+    {
+        return;
+    }
+    let fs = PrivateTmpfs::new();
+    let file = new_file(fs.path(), "fold.log");
+    let (ino, dev) = ino_dev(&file);
+    let mut probe = load(vec![dev], Attach::Auto);
+    let folded_before = probe.coalesced().expect("coalesced");
+
+    // One process writes three times, then waits for a line on stdin, then writes once more.
+    // Pinned to one CPU: folding is per CPU, and taskset execs sh, so the pid stays the child's.
+    let mut child = Command::new("taskset")
+        .args(["-c", "0", "sh", "-c"])
+        .arg(format!(
+            "f='{}'; printf a >> \"$f\"; printf b >> \"$f\"; printf c >> \"$f\"; read go; printf d >> \"$f\"",
+            file.display()
+        ))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    let pid = child.id();
+    // Let the three writes happen before the first drain.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while std::fs::metadata(&file).expect("stat").len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(2), |e| e.ino == ino);
+    assert!(hit, "no event for the first writes");
+    // Anything still in flight for this file arrives within the batch window.
+    let (late, _) = collect_until(&mut probe, Duration::from_millis(50), |_| false);
+    let events = seen.iter().chain(&late).filter(|e| e.ino == ino).count() as u64;
+    let folded = probe.coalesced().expect("coalesced") - folded_before;
+    assert!(seen.iter().all(|e| e.ino != ino || e.pid == pid));
+    assert_eq!(
+        events + folded,
+        3,
+        "every write is either an event or folded ({events} events, {folded} folded)"
+    );
+    assert!(
+        folded >= 1,
+        "three quick writes by one process were not folded at all"
+    );
+
+    // The event was read: the same process's next write must be reported again.
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("tell the child to go on");
+    assert!(child.wait().expect("wait sh").success());
+    expect_event(&mut probe, &file, 1, pid);
+}
