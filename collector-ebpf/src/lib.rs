@@ -61,6 +61,9 @@ pub enum Attach {
 /// Default of [`ProbeOptions::batch_window`].
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 
+/// Default of [`ProbeOptions::ring_bytes`]: 1 MiB, about 21,000 unread events.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
 /// What to watch.
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
@@ -75,6 +78,8 @@ pub struct ProbeOptions {
     /// it) to one per window under a steady write load; a write after a quiet spell is still
     /// delivered at once. Zero wakes per event.
     pub batch_window: Duration,
+    /// Size of the ring buffer in bytes: a power of two, at least a page. Each event takes 48.
+    pub ring_bytes: u32,
 }
 
 impl Default for ProbeOptions {
@@ -84,6 +89,7 @@ impl Default for ProbeOptions {
             ignore_pid: 0,
             attach: Attach::Auto,
             batch_window: DEFAULT_BATCH_WINDOW,
+            ring_bytes: DEFAULT_RING_BYTES,
         }
     }
 }

@@ -29,9 +29,6 @@ static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 #[cfg(not(voltail_probe))]
 static OBJECT: Option<&[u8]> = None;
 
-/// Size of the `events` ring buffer: 1 MiB holds about 21,000 events (40 bytes + 8 header).
-const RING_BYTES: u32 = 1 << 20;
-
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS_MOUNT: &str = "/sys/kernel/tracing";
 const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -104,9 +101,19 @@ impl Loaded {
         }
         // aya has no user-space type for task storage (`pending`), which only the kernel side
         // uses; this lets the loader create it anyway.
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let ring_bytes = opts.ring_bytes;
+        if !ring_bytes.is_power_of_two() || i64::from(ring_bytes) < i64::from(page) {
+            return Err(ProbeError::Map {
+                map: "events",
+                what: "ring_bytes must be a power of two of at least a page",
+                source: None,
+            });
+        }
         let mut ebpf = EbpfLoader::new()
             .allow_unsupported_maps()
-            .map_max_entries("events", RING_BYTES)
+            .map_max_entries("events", ring_bytes)
             .load(object)
             .map_err(|e| load_error("object", e))?;
 
@@ -132,7 +139,7 @@ impl Loaded {
                 source: None,
             });
         };
-        let events = Ring::new(events, RING_BYTES)
+        let events = Ring::new(events, ring_bytes)
             .map_err(|e| map_error("events", "mapping the ring buffer failed", e))?;
         let watched = ebpf
             .take_map("watched_devs")

@@ -117,6 +117,14 @@ fn child_main() {
         return;
     };
     let (op, path) = spec.split_once(':').expect("op:path");
+    if let Some(n) = op.strip_prefix("many") {
+        // One byte to each of n new files in the directory `path`.
+        let n: usize = n.parse().expect("many<N>");
+        for i in 0..n {
+            std::fs::write(Path::new(path).join(format!("f{i}")), b"x").expect("write");
+        }
+        return;
+    }
     let file = OpenOptions::new()
         .write(true)
         .open(path)
@@ -499,4 +507,40 @@ fn writes_into_an_unread_event_are_folded_and_a_write_after_the_drain_is_reporte
         .expect("tell the child to go on");
     assert!(child.wait().expect("wait sh").success());
     expect_event(&mut probe, &file, 1, pid);
+}
+
+#[test]
+fn a_full_ring_buffer_counts_lost_events() {
+    if can_test("a_full_ring_buffer_counts_lost_events").is_none() {
+        return;
+    }
+    const FILES: u64 = 300;
+    let fs = PrivateTmpfs::new();
+    let (_, dev) = ino_dev(fs.path());
+    // One page of ring holds about 85 events; nobody drains while the child writes.
+    let page = page_size();
+    let mut probe = Probe::load(&ProbeOptions {
+        devices: vec![dev],
+        ignore_pid: std::process::id(),
+        ring_bytes: page,
+        ..ProbeOptions::default()
+    })
+    .expect("load with a one-page ring");
+    assert_eq!(probe.lost().expect("lost"), 0);
+    run_child(&format!("many{FILES}"), fs.path());
+
+    let (seen, _) = collect_until(&mut probe, Duration::from_millis(300), |_| false);
+    let lost = probe.lost().expect("lost");
+    let events = seen.iter().filter(|e| e.dev == dev).count() as u64;
+    assert!(
+        lost > 0,
+        "{FILES} events into a one-page ring lost none ({events} arrived)"
+    );
+    assert_eq!(events + lost, FILES, "{events} events + {lost} lost");
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(page).expect("a page size fits u32")
 }
