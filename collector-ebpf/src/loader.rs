@@ -104,7 +104,7 @@ impl Loaded {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let ring_bytes = opts.ring_bytes;
-        if !ring_bytes.is_power_of_two() || i64::from(ring_bytes) < i64::from(page) {
+        if !ring_bytes.is_power_of_two() || !u32::try_from(page).is_ok_and(|p| ring_bytes >= p) {
             return Err(ProbeError::Map {
                 map: "events",
                 what: "ring_bytes must be a power of two of at least a page",
