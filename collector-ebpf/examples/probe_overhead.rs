@@ -126,6 +126,7 @@ fn overhead_phase(file: &Path, phase: Duration, probe: Option<Setup>) -> Result<
                 ignore_pid: 0,
                 attach,
                 batch_window,
+                ..ProbeOptions::default()
             })
             .context("loading the probe")?;
             let stop = Arc::clone(&stop);
