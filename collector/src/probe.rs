@@ -129,6 +129,7 @@ fn drain(mut probe: Probe, hints: &Sender<Hint>, stop: &AtomicBool, own_stop: &A
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut failing = false;
     let mut lost_read_at = Instant::now();
+    let metrics = crate::metrics::Events::new();
     while !stop.load(Ordering::Relaxed) && !own_stop.load(Ordering::Relaxed) {
         batch.clear();
         if let Err(e) = probe.poll(POLL_TIMEOUT, &mut batch) {
@@ -165,7 +166,9 @@ fn drain(mut probe: Probe, hints: &Sender<Hint>, stop: &AtomicBool, own_stop: &A
             }
             if dropped > 0 {
                 tracing::trace!(dropped, "hint channel full, hints dropped");
-                events::hints_dropped(dropped);
+                for _ in 0..dropped {
+                    metrics.hint_dropped();
+                }
             }
         }
         if lost_read_at.elapsed() >= LOST_EVERY {
@@ -211,7 +214,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 // ---- Metrics. Kept together so they can move into the metrics module's events interface. ----
-// `voltail_probe_wakeups_total` (reads the probe triggered) is counted by the tailer.
+// `voltail_probe_wakeups_total` (reads the probe triggered) is counted by the tailer, and
+// `voltail_probe_hints_dropped_total` already goes through `metrics::Events::hint_dropped`.
 mod events {
     /// `voltail_probe_active`: 1 while the probe runs.
     pub(super) fn active(on: bool) {
@@ -226,11 +230,6 @@ mod events {
     /// `voltail_probe_lost_total`: events the kernel dropped because the ring buffer was full.
     pub(super) fn lost(total: u64) {
         metrics::counter!("voltail_probe_lost_total").absolute(total);
-    }
-
-    /// `voltail_probe_hints_dropped_total`: hints dropped because the tailer's channel was full.
-    pub(super) fn hints_dropped(n: u64) {
-        metrics::counter!("voltail_probe_hints_dropped_total").increment(n);
     }
 }
 
