@@ -34,15 +34,17 @@ const TRACEFS_MOUNT: &str = "/sys/kernel/tracing";
 const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 /// Program name in `probe.bpf.c` -> tracepoint in the `syscalls` category.
-const TRACEPOINTS: [(&str, &str); 8] = [
+const TRACEPOINTS: [(&str, &str); 10] = [
     ("voltail_enter_write", "sys_enter_write"),
     ("voltail_enter_writev", "sys_enter_writev"),
     ("voltail_enter_pwrite64", "sys_enter_pwrite64"),
     ("voltail_enter_pwritev", "sys_enter_pwritev"),
+    ("voltail_enter_pwritev2", "sys_enter_pwritev2"),
     ("voltail_exit_write", "sys_exit_write"),
     ("voltail_exit_writev", "sys_exit_writev"),
     ("voltail_exit_pwrite64", "sys_exit_pwrite64"),
     ("voltail_exit_pwritev", "sys_exit_pwritev"),
+    ("voltail_exit_pwritev2", "sys_exit_pwritev2"),
 ];
 
 /// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint.

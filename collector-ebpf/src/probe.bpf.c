@@ -2,7 +2,7 @@
 /*
  * voltail write-event probe.
  *
- * On entry to write(2), writev(2), pwrite64(2) and pwritev(2) it resolves the
+ * On entry to write(2), writev(2), pwrite64(2), pwritev(2) and pwritev2(2) it resolves the
  * fd to its inode (current->files->fdt->fd[fd]->f_inode) and remembers
  * {dev, ino} for the thread when the inode is a regular file on a watched
  * device and the writer is not the collector itself. On exit, when the call
@@ -14,7 +14,7 @@
  * only cost ring-buffer space and wake-ups.
  *
  * Two attachment flavours share the same logic:
- *   - classic tracepoints syscalls/sys_{enter,exit}_{write,writev,pwrite64,pwritev}
+ *   - classic tracepoints syscalls/sys_{enter,exit}_{write,writev,pwrite64,pwritev,pwritev2}
  *     (need tracefs to look up their ids);
  *   - tp_btf sys_enter/sys_exit (no tracefs; fire for every syscall, so they
  *     filter by syscall number first). x86_64 only.
@@ -246,6 +246,13 @@ int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
  * The four exits share one program body: only `ret` matters, and the pending
  * map already says whether the matching enter kept the file.
  */
+/* pwritev2(2) is pwritev with flags (RWF_APPEND, RWF_DSYNC...); same fd argument. */
+SEC("tracepoint/syscalls/sys_enter_pwritev2")
+int voltail_enter_pwritev2(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0]);
+}
+
 SEC("tracepoint/syscalls/sys_exit_write")
 int voltail_exit_write(struct trace_event_raw_sys_exit *ctx)
 {
@@ -270,12 +277,19 @@ int voltail_exit_pwritev(struct trace_event_raw_sys_exit *ctx)
 	return on_exit(ctx->ret);
 }
 
+SEC("tracepoint/syscalls/sys_exit_pwritev2")
+int voltail_exit_pwritev2(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
 #if defined(__TARGET_ARCH_x86)
 /* x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl, a stable ABI). */
 #define NR_write 1
 #define NR_pwrite64 18
 #define NR_writev 20
 #define NR_pwritev 296
+#define NR_pwritev2 328
 
 /*
  * tp_btf fallback: raw sys_enter(struct pt_regs *regs, long id) and
@@ -287,7 +301,8 @@ SEC("tp_btf/sys_enter")
 int voltail_btf_enter(__u64 *ctx)
 {
 	long id = (long)ctx[1];
-	if (id != NR_write && id != NR_writev && id != NR_pwrite64 && id != NR_pwritev)
+	if (id != NR_write && id != NR_writev && id != NR_pwrite64 && id != NR_pwritev &&
+	    id != NR_pwritev2)
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx[0];
 	return on_enter(BPF_CORE_READ(regs, di));

@@ -151,6 +151,23 @@ fn child_main() {
             };
             assert_eq!(n, 4);
         }
+        "pwritev2" => {
+            let bufs = [libc::iovec {
+                iov_base: b"v2".as_ptr() as *mut libc::c_void,
+                iov_len: 2,
+            }];
+            // SAFETY: as for pwritev; flags 0 makes it behave like pwritev.
+            let n = unsafe {
+                libc::pwritev2(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    bufs.as_ptr(),
+                    1,
+                    0,
+                    0,
+                )
+            };
+            assert_eq!(n, 2);
+        }
         other => panic!("unknown child op {other}"),
     }
 }
@@ -207,8 +224,8 @@ fn write_by_child_is_reported_with_dev_ino_bytes_pid() {
 }
 
 #[test]
-fn pwrite_writev_and_pwritev_are_reported() {
-    if can_test("pwrite_writev_and_pwritev_are_reported").is_none() {
+fn pwrite_writev_pwritev_and_pwritev2_are_reported() {
+    if can_test("pwrite_writev_pwritev_and_pwritev2_are_reported").is_none() {
         return;
     }
     let dir = temp_dir();
@@ -222,6 +239,8 @@ fn pwrite_writev_and_pwritev_are_reported() {
     expect_event(&mut probe, &file, 5, pid);
     let pid = run_child("pwritev", &file);
     expect_event(&mut probe, &file, 4, pid);
+    let pid = run_child("pwritev2", &file);
+    expect_event(&mut probe, &file, 2, pid);
 
     // dd with seek= and conv=notrunc, as an operator would patch a file in place.
     let mut dd = Command::new("dd")
@@ -383,6 +402,8 @@ fn tp_btf_fallback_reports_writes() {
     expect_event(&mut probe, &file, 8, pid);
     let pid = run_child("pwritev", &file);
     expect_event(&mut probe, &file, 4, pid);
+    let pid = run_child("pwritev2", &file);
+    expect_event(&mut probe, &file, 2, pid);
 }
 
 #[test]
