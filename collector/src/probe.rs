@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use voltail_ebpf::{Attach, Probe, ProbeOptions};
 
 use crate::config::ProbeMode;
@@ -36,6 +36,8 @@ pub struct ProbeHandle {
     thread: Option<JoinHandle<()>>,
     /// Stops this thread only; the daemon-wide flag given to [`spawn`] stops it too.
     own_stop: Arc<AtomicBool>,
+    /// New watched-device sets for the drain thread, which owns the probe.
+    devices: Sender<Vec<u64>>,
     attach: Attach,
 }
 
@@ -43,6 +45,13 @@ impl ProbeHandle {
     /// Stops the drain thread and waits for it; the probe is detached when the thread ends.
     pub fn stop(mut self) {
         self.shutdown();
+    }
+
+    /// Replaces the watched devices (`st_dev` values), e.g. when a root is mounted after
+    /// start-up. Applied by the drain thread within one poll (~100 ms); a failure is logged there.
+    pub fn set_devices(&self, devices: Vec<u64>) {
+        // A send fails only when the thread has ended, and then there is nothing to update.
+        let _ = self.devices.send(devices);
     }
 
     /// Whether the probe runs on the per-syscall tracepoints or on the `tp_btf` fallback.
@@ -90,13 +99,15 @@ pub fn spawn(
         let attach = probe.attach_kind();
         let own_stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&own_stop);
+        let (devices_tx, devices_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("voltail-probe".to_string())
-            .spawn(move || drain(probe, &hints, &stop, &thread_stop))
+            .spawn(move || drain(probe, &hints, &devices_rx, &stop, &thread_stop))
             .map_err(ProbeError::Thread)?;
         Ok(ProbeHandle {
             thread: Some(thread),
             own_stop,
+            devices: devices_tx,
             attach,
         })
     });
@@ -124,13 +135,27 @@ pub fn spawn(
 }
 
 /// The drain loop: wait, coalesce per file, hint, repeat until stopped.
-fn drain(mut probe: Probe, hints: &Sender<Hint>, stop: &AtomicBool, own_stop: &AtomicBool) {
+fn drain(
+    mut probe: Probe,
+    hints: &Sender<Hint>,
+    devices: &Receiver<Vec<u64>>,
+    stop: &AtomicBool,
+    own_stop: &AtomicBool,
+) {
     let mut batch = Vec::with_capacity(4096);
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut failing = false;
     let mut lost_read_at = Instant::now();
     let metrics = crate::metrics::Events::new();
     while !stop.load(Ordering::Relaxed) && !own_stop.load(Ordering::Relaxed) {
+        if let Some(set) = devices.try_iter().last() {
+            match probe.set_devices(&set) {
+                Ok(()) => tracing::info!(devices = set.len(), "probe watched devices updated"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "updating the probe's watched devices failed")
+                }
+            }
+        }
         batch.clear();
         if let Err(e) = probe.poll(POLL_TIMEOUT, &mut batch) {
             // Log a run of failures once; sleep so a persistent one does not spin.
@@ -330,6 +355,47 @@ mod tests {
             !stop.load(Ordering::Relaxed),
             "stop() must not stop the daemon"
         );
+    }
+
+    #[test]
+    fn set_devices_starts_hints_for_a_device_added_later() {
+        if can_test("set_devices_starts_hints_for_a_device_added_later").is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("late.log");
+        std::fs::write(&path, b"").expect("create");
+        let meta = std::fs::metadata(&path).expect("stat");
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn(ProbeMode::On, vec![], tx, stop)
+            .expect("probe on")
+            .expect("a handle when on");
+        handle.set_devices(vec![meta.dev()]);
+        let want = Hint::Write {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        // The update lands within one poll; write until a hint arrives.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut got = false;
+        while !got && Instant::now() < deadline {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf 'x\\n' >> '{}'", path.display()))
+                .status()
+                .expect("sh");
+            assert!(st.success());
+            // Other processes write to the same device: look through every hint that comes.
+            while let Ok(h) = rx.recv_timeout(Duration::from_millis(200)) {
+                if h == want {
+                    got = true;
+                    break;
+                }
+            }
+        }
+        assert!(got, "no hint after the device was added");
+        handle.stop();
     }
 
     #[test]
