@@ -33,24 +33,27 @@ const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS_MOUNT: &str = "/sys/kernel/tracing";
 const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
-/// Program name in `probe.bpf.c` -> tracepoint in the `syscalls` category.
+/// Program name in `probe.bpf.c` -> tracepoint in the `syscalls` category. Exits come first:
+/// once an enter is attached, every write it marks in flight has its exit attached too, so no
+/// thread keeps a stale mark that a later exit would report.
 const TRACEPOINTS: [(&str, &str); 10] = [
-    ("voltail_enter_write", "sys_enter_write"),
-    ("voltail_enter_writev", "sys_enter_writev"),
-    ("voltail_enter_pwrite64", "sys_enter_pwrite64"),
-    ("voltail_enter_pwritev", "sys_enter_pwritev"),
-    ("voltail_enter_pwritev2", "sys_enter_pwritev2"),
     ("voltail_exit_write", "sys_exit_write"),
     ("voltail_exit_writev", "sys_exit_writev"),
     ("voltail_exit_pwrite64", "sys_exit_pwrite64"),
     ("voltail_exit_pwritev", "sys_exit_pwritev"),
     ("voltail_exit_pwritev2", "sys_exit_pwritev2"),
+    ("voltail_enter_write", "sys_enter_write"),
+    ("voltail_enter_writev", "sys_enter_writev"),
+    ("voltail_enter_pwrite64", "sys_enter_pwrite64"),
+    ("voltail_enter_pwritev", "sys_enter_pwritev"),
+    ("voltail_enter_pwritev2", "sys_enter_pwritev2"),
 ];
 
 /// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint.
+/// Exit first, as for [`TRACEPOINTS`].
 const BTF_TRACEPOINTS: [(&str, &str); 2] = [
-    ("voltail_btf_enter", "sys_enter"),
     ("voltail_btf_exit", "sys_exit"),
+    ("voltail_btf_enter", "sys_enter"),
 ];
 
 /// Upper bound of events taken in one drain, so a writer faster than the reader cannot keep
@@ -222,7 +225,7 @@ impl Loaded {
     }
 
     fn attach_tp_btf(&mut self) -> Result<(), BtfFallback> {
-        if self.ebpf.program(BTF_TRACEPOINTS[0].0).is_none() {
+        if self.ebpf.program("voltail_btf_enter").is_none() {
             return Err(BtfFallback::Unavailable(
                 "the tp_btf fallback exists only on x86_64".to_string(),
             ));
