@@ -2,9 +2,10 @@
 //! node wrote to a file on one of the watched filesystems.
 //!
 //! The kernel half is `src/probe.bpf.c` (CO-RE C, compiled by `build.rs` with clang and embedded
-//! here). It hooks the syscall tracepoints of `write`, `writev`, `pwrite64` and `pwritev`, keeps
-//! only regular files on watched devices, skips the collector's own process, and sends one
-//! [`WriteEvent`] per successful call through a ring buffer.
+//! here). It hooks the syscall tracepoints of `write`, `writev`, `pwrite64`, `pwritev` and
+//! `pwritev2`, keeps only regular files on watched devices, skips the collector's own process,
+//! and sends a [`WriteEvent`] per successful call through a ring buffer, except that a write to a
+//! file that already has an unread event from the same process (and CPU) is folded into it.
 //!
 //! The user half is [`Probe`]: [`Probe::load`] loads and attaches the object (mounting tracefs if
 //! needed, else falling back to `tp_btf`), [`Probe::poll`] waits on the ring buffer and drains it,
@@ -36,7 +37,8 @@ pub struct WriteEvent {
     pub dev: u64,
     /// Inode number of the file.
     pub ino: u64,
-    /// Bytes the call wrote (its return value).
+    /// Bytes the call that produced the event wrote (its return value); writes folded into the
+    /// event afterwards are not added (see [`Probe::coalesced`]).
     pub bytes: u64,
     /// Process id (thread-group id) of the writer.
     pub pid: u32,
