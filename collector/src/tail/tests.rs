@@ -532,3 +532,44 @@ fn fingerprint_follows_the_bytes_read_not_first_seen() {
     h.step(true);
     assert_eq!(h.messages(), vec!["f2-g0-s0", "f2-g2-s2"]);
 }
+
+#[test]
+fn gbk_files_are_decoded_to_utf8() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    let (gbk, _, _) = encoding_rs::GBK.encode("日志 第一行\n错误: 磁盘已满\n");
+    std::fs::create_dir_all(log.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&log, &gbk).expect("write");
+    let mut h = Harness::new(d.path(), "encoding = \"gbk\"\n");
+    h.step(true);
+    assert_eq!(h.messages(), vec!["日志 第一行", "错误: 磁盘已满"]);
+    assert_eq!(
+        h.delivered[1].offset, 12,
+        "offsets are byte offsets in the GBK file"
+    );
+}
+
+#[test]
+fn multiline_events_are_joined_and_offsets_kept() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    append(
+        &log,
+        "2026-01-01 boom\n  at a.rs:1\n  at b.rs:2\n2026-01-01 next\n",
+    );
+    let mut h = Harness::new(d.path(), "multiline.start_pattern = '^\\d{4}-'\n");
+    h.step(true);
+    assert_eq!(
+        h.messages(),
+        vec!["2026-01-01 boom\n  at a.rs:1\n  at b.rs:2"]
+    );
+    for _ in 0..4 {
+        h.step(true);
+    }
+    assert_eq!(
+        h.messages().len(),
+        2,
+        "the last event is flushed after flush_partial_after"
+    );
+    assert_eq!(h.delivered[1].offset, 40);
+}
