@@ -2,6 +2,11 @@
 
 pub mod backend;
 pub mod pread;
+pub mod select;
+pub mod uring;
+
+#[cfg(test)]
+mod conformance;
 
 /// A hint that a file may have changed, from outside the poll loop (the eBPF probe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
