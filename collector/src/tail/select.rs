@@ -222,18 +222,47 @@ mod tests {
         assert_eq!(kind_of_magic(0x1234), FsKind::Local("unknown"));
     }
 
+    /// On the local disk (or, with `TMPDIR` on a FUSE mount, on a network filesystem).
     #[test]
-    fn auto_on_a_local_disk_is_sequential_pread() {
+    fn auto_follows_the_filesystem_of_the_roots() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let kind = fs_kind(dir.path()).expect("a tempdir has a filesystem");
         let s = select(ReaderKind::Auto, &[dir.path().to_path_buf()]);
-        assert_eq!(s.name, "pread");
-        assert_eq!(s.backend.name(), "pread");
+        assert_eq!(s.backend.name(), s.name);
         assert!(s.reason.starts_with("auto: "), "{}", s.reason);
         assert!(
             s.reason.contains(&dir.path().display().to_string()),
             "{}",
             s.reason
         );
+        if kind.is_network() {
+            let want = if UringBackend::new().is_ok() {
+                "io_uring"
+            } else {
+                "pread_pool"
+            };
+            assert_eq!(s.name, want, "{}", s.reason);
+        } else {
+            assert_eq!(s.name, "pread", "{}", s.reason);
+        }
+    }
+
+    #[test]
+    fn auto_with_one_network_root_among_local_ones_names_it() {
+        // /proc is local; a network root, when the test runs on one, decides.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roots = [PathBuf::from("/proc"), dir.path().to_path_buf()];
+        let s = select(ReaderKind::Auto, &roots);
+        if on_network(dir.path()) {
+            assert!(s.name != "pread", "{}", s.reason);
+        } else {
+            assert_eq!(s.name, "pread");
+            assert!(s.reason.contains("/proc is proc"), "{}", s.reason);
+        }
+    }
+
+    fn on_network(p: &Path) -> bool {
+        fs_kind(p).is_some_and(FsKind::is_network)
     }
 
     #[test]
@@ -245,9 +274,16 @@ mod tests {
     }
 
     #[test]
-    fn pread_is_sequential_on_a_local_disk() {
-        let s = select(ReaderKind::Pread, &[std::env::temp_dir()]);
-        assert_eq!(s.name, "pread");
+    fn pread_is_sequential_on_a_local_disk_and_pooled_on_a_network_one() {
+        let dir = std::env::temp_dir();
+        let s = select(ReaderKind::Pread, std::slice::from_ref(&dir));
+        let want = if on_network(&dir) {
+            "pread_pool"
+        } else {
+            "pread"
+        };
+        assert_eq!(s.name, want, "{}", s.reason);
+        assert_eq!(s.backend.name(), want);
     }
 
     #[test]
@@ -256,7 +292,7 @@ mod tests {
         match UringBackend::new() {
             Ok(_) => assert_eq!(s.name, "io_uring"),
             Err(_) => {
-                assert_eq!(s.name, "pread");
+                assert!(s.name.starts_with("pread"), "{}", s.name);
                 assert!(s.reason.contains("refused"), "{}", s.reason);
             }
         }

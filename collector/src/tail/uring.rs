@@ -542,8 +542,9 @@ mod tests {
         b.stat_batch(&mut ops);
         let enters = b.enters() - before;
         assert!(ops.iter().all(|o| o.fd_stat.is_ok() && o.path_stat.is_ok()));
-        // 6,000 statx through a 256-entry queue: about one enter per queue-full.
-        assert!((1..=60).contains(&enters), "{enters} enters");
+        // 6,000 statx through a 256-entry queue: about one enter per queue-full where they
+        // complete at once, one per refill (64 completions) at worst where they trickle in.
+        assert!((1..=6_000 / 64 + 10).contains(&enters), "{enters} enters");
         assert!(b.ring.is_some(), "the ring is still in use");
     }
 
