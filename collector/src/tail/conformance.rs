@@ -420,13 +420,15 @@ backends! {
     pread_pool => Some(Box::new(PreadPool::new(8)));
     pread_pool_of_one => Some(Box::new(PreadPool::new(1)));
     uring_default => uring(UringOptions::default());
-    uring_tiny_ring => uring(UringOptions { entries: 8, max_workers: 0 });
+    uring_tiny_ring => uring(UringOptions { entries: 8, max_workers: 0, async_reads: false });
+    uring_async_reads => uring(UringOptions { async_reads: true, ..UringOptions::default() });
 }
 
 /// Times one stat+read round over 10,000 files per backend, on the local disk and on
 /// `/dev/shm`. Run with `cargo test --release -p voltail round_timing -- --ignored --nocapture`;
 /// set `VOLTAIL_TIMING_DIRS=/a:/b` to measure elsewhere (a FUSE mount, for one), and
-/// `VOLTAIL_TIMING_ROUNDS` (default 5) to take the best of fewer rounds where a round is slow.
+/// `VOLTAIL_TIMING_ROUNDS` (default 5) to take the best of fewer rounds where a round is slow,
+/// and `VOLTAIL_TIMING_BACKENDS` (comma-separated names as printed) to measure only some.
 #[test]
 #[ignore = "measurement, not a check: prints timings"]
 fn round_timing() {
@@ -465,6 +467,18 @@ fn round_timing() {
         if let Some(u) = uring(UringOptions::default()) {
             makers.push(("io_uring", u));
         }
+        let async_reads = UringOptions {
+            async_reads: true,
+            ..UringOptions::default()
+        };
+        if let Some(u) = uring(async_reads) {
+            makers.push(("io_uring+async", u));
+        }
+        // VOLTAIL_TIMING_BACKENDS=io_uring,pread_pool(16) measures only those (a slow
+        // filesystem makes the sequential one take a minute).
+        if let Ok(only) = std::env::var("VOLTAIL_TIMING_BACKENDS") {
+            makers.retain(|(name, _)| only.split(',').any(|o| o == *name));
+        }
         println!("{} ({n} files, best of {rounds} rounds)", base.display());
         let mut first = None;
         for (name, b) in &mut makers {
@@ -498,7 +512,7 @@ fn round_timing() {
             let total = best_stat + best_read;
             let base_total = *first.get_or_insert(total);
             println!(
-                "  {name:<16} stat {best_stat:8.2} ms  read {best_read:8.2} ms  round {total:8.2} ms  x{:.2} of pread",
+                "  {name:<16} stat {best_stat:8.2} ms  read {best_read:8.2} ms  round {total:8.2} ms  x{:.2} of the first",
                 total / base_total
             );
         }

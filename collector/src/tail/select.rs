@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use super::backend::ReadBackend;
 use super::pread::{PreadBackend, PreadPool};
-use super::uring::UringBackend;
+use super::uring::{UringBackend, UringOptions};
 use crate::config::ReaderKind;
 
 /// The chosen backend and why.
@@ -168,7 +168,12 @@ pub fn select(kind: ReaderKind, roots: &[PathBuf]) -> Selected {
             } else {
                 "io_uring"
             };
-            match UringBackend::new() {
+            // Network filesystems block inline reads for a round trip: send them to the workers.
+            let opts = UringOptions {
+                async_reads: is_network,
+                ..UringOptions::default()
+            };
+            match UringBackend::with_options(opts) {
                 Ok(b) => Selected {
                     backend: Box::new(b),
                     name: "io_uring",

@@ -41,6 +41,12 @@ pub struct UringOptions {
     /// Limit of the kernel's bounded io-wq workers for this ring (where `statx` and blocking
     /// reads run); 0 keeps the kernel default (`min(entries, 4 * CPUs)`).
     pub max_workers: u32,
+    /// Send every read straight to the io-wq workers (`IOSQE_ASYNC`) instead of trying it inline
+    /// first. Set it on network and FUSE filesystems: there a read attempted inline can block the
+    /// submitting thread for a round trip (FUSE revalidates attributes before it looks at the
+    /// page cache), which serializes the whole batch. Leave it off on local disks, where an
+    /// inline read from the page cache is the fast path.
+    pub async_reads: bool,
 }
 
 impl Default for UringOptions {
@@ -48,6 +54,7 @@ impl Default for UringOptions {
         UringOptions {
             entries: 256,
             max_workers: 64,
+            async_reads: false,
         }
     }
 }
@@ -118,6 +125,8 @@ pub struct UringBackend {
     refill: usize,
     /// `io_uring_enter` calls made so far (for tests and debugging).
     enters: u64,
+    /// [`UringOptions::async_reads`].
+    async_reads: bool,
 }
 
 impl std::fmt::Debug for UringBackend {
@@ -191,6 +200,7 @@ impl UringBackend {
             free: (0..cq).rev().collect(),
             refill: (sq / 4).max(1),
             enters: 0,
+            async_reads: opts.async_reads,
         };
         backend.smoke_test(entries)?;
         tracing::debug!(
@@ -250,6 +260,7 @@ impl UringBackend {
             free,
             refill,
             enters,
+            async_reads: _,
         } = self;
         let Some(ring) = ring_slot.as_mut() else {
             (0..total).for_each(|j| round.fallback(j));
@@ -452,6 +463,8 @@ const MAX_READ: usize = 0x7fff_f000;
 /// One job per op.
 struct ReadRound<'r, 'a> {
     ops: &'r mut [ReadOp<'a>],
+    /// `IOSQE_ASYNC` or nothing, per [`UringOptions::async_reads`].
+    flags: squeue::Flags,
 }
 
 impl Round for ReadRound<'_, '_> {
@@ -471,7 +484,8 @@ impl Round for ReadRound<'_, '_> {
         Some(
             opcode::Read::new(types::Fd(op.fd), op.buf.as_mut_ptr(), len)
                 .offset(op.offset)
-                .build(),
+                .build()
+                .flags(self.flags),
         )
     }
 
@@ -502,7 +516,12 @@ impl ReadBackend for UringBackend {
     }
 
     fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) {
-        self.drive(&mut ReadRound { ops });
+        let flags = if self.async_reads {
+            squeue::Flags::ASYNC
+        } else {
+            squeue::Flags::empty()
+        };
+        self.drive(&mut ReadRound { ops, flags });
     }
 }
 
