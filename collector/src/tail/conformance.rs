@@ -469,6 +469,11 @@ fn round_timing() {
         }
         let async_reads = UringOptions {
             async_reads: true,
+            // VOLTAIL_TIMING_WORKERS: the io-wq worker limit of this one.
+            max_workers: std::env::var("VOLTAIL_TIMING_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(UringOptions::default().max_workers),
             ..UringOptions::default()
         };
         if let Some(u) = uring(async_reads) {
