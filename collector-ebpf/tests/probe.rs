@@ -185,16 +185,16 @@ fn new_file(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// Asserts an event for `path` with `bytes` and `pid` arrives within 2 s.
+/// Asserts an event for `path` with `bytes` and `pid` arrives within 15 s.
 fn expect_event(probe: &mut Probe, path: &Path, bytes: u64, pid: u32) {
     let (ino, dev) = ino_dev(path);
-    let (seen, hit) = collect_until(probe, Duration::from_secs(2), |e| {
+    let (seen, hit) = collect_until(probe, Duration::from_secs(15), |e| {
         e.ino == ino && e.dev == dev && e.bytes == bytes && e.pid == pid
     });
     let ours: Vec<_> = seen.iter().filter(|e| e.ino == ino).collect();
     assert!(
         hit,
-        "no event {{dev {dev:#x}, ino {ino}, bytes {bytes}, pid {pid}}} within 2 s; events for this inode: {ours:?}"
+        "no event {{dev {dev:#x}, ino {ino}, bytes {bytes}, pid {pid}}} within 15 s; events for this inode: {ours:?}"
     );
 }
 
@@ -313,7 +313,7 @@ fn own_writes_and_unwatched_devices_are_not_reported() {
         .expect("sh sentinel");
     assert!(st.success());
     let (sentinel_ino, _) = ino_dev(&sentinel);
-    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(2), |e| {
+    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
         e.ino == sentinel_ino
     });
     assert!(hit, "the sentinel write was not reported");
@@ -363,7 +363,7 @@ fn set_devices_changes_the_filter() {
 
     probe.set_devices(&[dev]).expect("set_devices");
     sh("bb");
-    let (_, hit) = collect_until(&mut probe, Duration::from_secs(2), |e| {
+    let (_, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
         e.ino == ino && e.bytes == 2
     });
     assert!(hit, "no event after the device was added");
@@ -422,7 +422,7 @@ fn events_carry_the_writer_cgroup_id() {
         .status()
         .expect("sh");
     assert!(st.success());
-    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(2), |e| e.ino == ino);
+    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| e.ino == ino);
     assert!(hit);
     let event = seen.iter().find(|e| e.ino == ino).expect("event");
     // On cgroup v2 the id is the inode number of the writer's cgroup directory; the child ran in
@@ -498,11 +498,11 @@ fn writes_into_an_unread_event_are_folded_and_a_write_after_the_drain_is_reporte
         .expect("spawn sh");
     let pid = child.id();
     // Let the three writes happen before the first drain.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while std::fs::metadata(&file).expect("stat").len() < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(2), |e| e.ino == ino);
+    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| e.ino == ino);
     assert!(hit, "no event for the first writes");
     // Anything still in flight for this file arrives within the batch window.
     let (late, _) = collect_until(&mut probe, Duration::from_millis(50), |_| false);

@@ -153,9 +153,9 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| DaemonError::Source(e.to_string()))?;
     let discovery = Discovery::new(&cfg.sources, cfg.shard())?;
-    let backend: Box<dyn crate::tail::backend::ReadBackend> =
-        Box::new(crate::tail::pread::PreadBackend);
-    tracing::info!(backend = backend.name(), "read backend");
+    let selected = crate::tail::select::select(cfg.reader, discovery.bases());
+    tracing::info!(backend = selected.name, reason = %selected.reason, "read backend");
+    let backend = selected.backend;
 
     let q = cfg.batch.queue_batches;
     let (raw_tx, raw_rx) = bounded::<Batch>(q);

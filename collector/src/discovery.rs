@@ -205,6 +205,11 @@ impl Discovery {
         Ok(d)
     }
 
+    /// The literal bases of the include globs, as written (they may not exist yet).
+    pub fn bases(&self) -> &[PathBuf] {
+        &self.bases
+    }
+
     /// The canonical include roots (bases that exist now).
     pub fn roots(&self) -> &[PathBuf] {
         &self.roots

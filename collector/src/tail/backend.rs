@@ -86,7 +86,8 @@ pub const STATX_MASK: u32 = libc::STATX_TYPE
 /// One file's stat work in a round.
 #[derive(Debug)]
 pub struct StatOp<'a> {
-    /// The open descriptor: `statx(fd, "", AT_EMPTY_PATH)`.
+    /// The open descriptor: `statx(fd, "", AT_EMPTY_PATH)`; negative to skip it (`fd_stat`
+    /// then stays `Err(PENDING)`): while a path still names the file, its stat is the file's.
     pub fd: RawFd,
     /// When set, also `statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW)`: what the path names now.
     pub path: Option<&'a CStr>,

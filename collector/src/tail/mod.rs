@@ -66,11 +66,13 @@ pub enum Hint {
 }
 
 /// Files whose stats go to the backend in one call.
-const STAT_CHUNK: usize = 1024;
-/// Files read in one call (each with its own buffer).
-const READ_CHUNK: usize = 64;
-/// Size of each read buffer.
+const STAT_CHUNK: usize = 4096;
+/// Files read in one call at most.
+const READ_CHUNK: usize = 1024;
+/// Bytes read from one file in one round at most.
 const READ_BUF: usize = 256 * 1024;
+/// Bytes read in one call at most (the arena the read buffers are carved from).
+const READ_ARENA: usize = 8 << 20;
 /// Shortest sleep between rounds, so that due files gather into batched rounds.
 const MIN_TICK: Duration = Duration::from_millis(20);
 
@@ -161,7 +163,8 @@ pub struct Tailer {
     /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
     restore: HashMap<u64, Vec<(FileKey, Entry)>>,
     next_key: FileKey,
-    bufs: Vec<Vec<u8>>,
+    /// Read buffers of a chunk, carved per file from one arena.
+    arena: Vec<u8>,
     prefix_bufs: Vec<Vec<u8>>,
     discovered_once: bool,
     next_discovery: Instant,
@@ -237,7 +240,7 @@ impl Tailer {
             by_ino: HashMap::new(),
             restore,
             next_key,
-            bufs: Vec::new(),
+            arena: Vec::new(),
             prefix_bufs: Vec::new(),
             discovered_once: false,
             next_discovery: now,
@@ -698,28 +701,27 @@ impl Tailer {
         let mut to_read = Vec::new();
         let mut vacated = Vec::new();
         for chunk in due.chunks(STAT_CHUNK) {
-            let results: Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> = {
-                let mut ops: Vec<StatOp<'_>> = chunk
-                    .iter()
-                    .map(|k| {
-                        let f = &self.files[k];
-                        StatOp::new(
-                            f.file.as_raw_fd(),
-                            (!f.orphan).then_some(f.cpath.as_c_str()),
-                        )
-                    })
-                    .collect();
-                self.backend.stat_batch(&mut ops);
-                ops.into_iter().map(|o| (o.fd_stat, o.path_stat)).collect()
-            };
-            for (k, (fs, ps)) in chunk.iter().zip(results) {
+            for (k, (fs, ps)) in chunk.iter().zip(self.stat_chunk(chunk)) {
                 if self.after_stat(*k, fs, ps, now, &mut vacated) {
                     to_read.push(*k);
                 }
             }
         }
-        for chunk in to_read.chunks(READ_CHUNK) {
-            more |= self.read_chunk(chunk, now, &ts);
+        // Reads go in chunks bounded by bytes (the arena) and count, so a round over many
+        // small growths stays one batch (one round trip with io_uring).
+        let mut i = 0;
+        while i < to_read.len() {
+            let (mut j, mut bytes) = (i, 0usize);
+            while j < to_read.len() && j - i < READ_CHUNK {
+                let want = self.want(to_read[j]);
+                if j > i && bytes + want > READ_ARENA {
+                    break;
+                }
+                bytes += want;
+                j += 1;
+            }
+            more |= self.read_chunk(&to_read[i..j], now, &ts);
+            i = j;
         }
         for k in due {
             self.after_read(k, now, &ts);
@@ -732,6 +734,60 @@ impl Tailer {
         }
         self.events.poll_round(started.elapsed());
         more
+    }
+
+    /// Bytes to read from file `k` in this round.
+    fn want(&self, k: FileKey) -> usize {
+        self.files.get(&k).map_or(0, |f| {
+            f.size.saturating_sub(f.read_off).min(READ_BUF as u64) as usize
+        })
+    }
+
+    /// Stats of a chunk of due files: `(descriptor, path)`. A live file's path is stated
+    /// first; while it still names the file, that stat is the file's (one call per file);
+    /// only when it names another inode or is gone is the descriptor stated too. Orphans
+    /// (rotated away, deleted) are stated through their descriptor only.
+    fn stat_chunk(&mut self, chunk: &[FileKey]) -> Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> {
+        let mut results: Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> = {
+            let mut ops: Vec<StatOp<'_>> = chunk
+                .iter()
+                .map(|k| {
+                    let f = &self.files[k];
+                    if f.orphan {
+                        StatOp::new(f.file.as_raw_fd(), None)
+                    } else {
+                        StatOp::new(-1, Some(f.cpath.as_c_str()))
+                    }
+                })
+                .collect();
+            self.backend.stat_batch(&mut ops);
+            ops.into_iter().map(|o| (o.fd_stat, o.path_stat)).collect()
+        };
+        let mut need_fd = Vec::new();
+        for (i, (k, (fs, ps))) in chunk.iter().zip(results.iter_mut()).enumerate() {
+            let f = &self.files[k];
+            if f.orphan {
+                continue;
+            }
+            match ps {
+                Ok(p) if p.ino == f.ino && p.dev == f.dev => *fs = Ok(*p),
+                _ => need_fd.push(i),
+            }
+        }
+        if !need_fd.is_empty() {
+            let fds: Vec<Result<Stat, Errno>> = {
+                let mut ops: Vec<StatOp<'_>> = need_fd
+                    .iter()
+                    .map(|&i| StatOp::new(self.files[&chunk[i]].file.as_raw_fd(), None))
+                    .collect();
+                self.backend.stat_batch(&mut ops);
+                ops.into_iter().map(|o| o.fd_stat).collect()
+            };
+            for (i, fs) in need_fd.into_iter().zip(fds) {
+                results[i].0 = fs;
+            }
+        }
+        results
     }
 
     /// Interprets a file's stats. Returns whether it should be read now.
@@ -748,8 +804,9 @@ impl Tailer {
         };
         let st = match fs {
             Ok(st) => st,
-            Err(e) if e.0 == libc::ESTALE => {
-                // NFS: the file is gone from the server; nothing more can be read from it.
+            Err(e) if e.0 == libc::ESTALE || e.0 == libc::ENOENT => {
+                // NFS: the file is gone from the server (a descriptor stat can say ENOENT there
+                // too); nothing more can be read from it.
                 tracing::warn!(path = %f.path.display(), "stale file handle; releasing the file");
                 f.orphan = true;
                 f.size = f.read_off;
@@ -813,13 +870,21 @@ impl Tailer {
 
     /// Reads a chunk of files that grew. Returns whether any filled its buffer.
     fn read_chunk(&mut self, keys: &[FileKey], now: Instant, ts: &Timestamp) -> bool {
-        while self.bufs.len() < keys.len() {
-            self.bufs.push(vec![0u8; READ_BUF]);
+        let mut arena = std::mem::take(&mut self.arena);
+        let total: usize = keys.iter().map(|k| self.want(*k)).sum();
+        if arena.len() < total {
+            arena.resize(total.max(READ_BUF), 0);
         }
         while self.prefix_bufs.len() < keys.len() {
             self.prefix_bufs.push(vec![0u8; FINGERPRINT_BYTES]);
         }
-        let mut bufs = std::mem::take(&mut self.bufs);
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(keys.len());
+        let mut rest: &mut [u8] = &mut arena[..];
+        for k in keys {
+            let (buf, tail) = std::mem::take(&mut rest).split_at_mut(self.want(*k));
+            bufs.push(buf);
+            rest = tail;
+        }
         let mut prefix_bufs = std::mem::take(&mut self.prefix_bufs);
         // With each read, the file's first bytes: a file truncated and refilled past our
         // offset between two polls (copytruncate) has the same size story but another
@@ -835,11 +900,10 @@ impl Tailer {
             let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(2 * keys.len());
             for (k, buf) in keys.iter().zip(bufs.iter_mut()) {
                 let f = &self.files[k];
-                let want = (f.size - f.read_off).min(buf.len() as u64) as usize;
                 ops.push(ReadOp {
                     fd: f.file.as_raw_fd(),
                     offset: f.read_off,
-                    buf: &mut buf[..want],
+                    buf,
                     result: Err(Errno::PENDING),
                 });
             }
@@ -919,7 +983,8 @@ impl Tailer {
                 }
             }
         }
-        self.bufs = bufs;
+        drop(bufs);
+        self.arena = arena;
         self.events.read(bytes, lines);
         more
     }

@@ -34,7 +34,9 @@ impl ReadBackend for PreadBackend {
 }
 
 fn stat_one(op: &mut StatOp<'_>) {
-    op.fd_stat = statx_fd(op.fd);
+    if op.fd >= 0 {
+        op.fd_stat = statx_fd(op.fd);
+    }
     if let Some(p) = op.path {
         op.path_stat = statx_path(p);
     }

@@ -35,8 +35,22 @@ struct Delivered {
     message: String,
 }
 
+/// The read backends the tailer runs on: its tests run on each.
+fn backend(i: usize) -> Box<dyn ReadBackend> {
+    match i % 3 {
+        0 => Box::new(PreadBackend),
+        1 => Box::new(super::pread::PreadPool::new(4)),
+        _ => match super::uring::UringBackend::new() {
+            Ok(u) => Box::new(u),
+            // io_uring refused here (seccomp, io_uring_disabled): the pool stands in.
+            Err(_) => Box::new(super::pread::PreadPool::new(2)),
+        },
+    }
+}
+
 struct Harness {
     root: PathBuf,
+    backend: usize,
     extra: String,
     tailer: Option<Tailer>,
     rx: Option<Receiver<Batch>>,
@@ -50,8 +64,13 @@ struct Harness {
 
 impl Harness {
     fn new(root: &Path, extra: &str) -> Harness {
+        Harness::on(root, extra, 0)
+    }
+
+    fn on(root: &Path, extra: &str, backend: usize) -> Harness {
         let mut h = Harness {
             root: root.to_path_buf(),
+            backend,
             extra: extra.to_string(),
             tailer: None,
             rx: None,
@@ -79,7 +98,7 @@ impl Harness {
         let tailer = Tailer::new(TailerParts {
             sources: vec![SourceRt::new(&src).expect("source")],
             discovery: Discovery::new(&[src], None).expect("discovery"),
-            backend: Box::new(PreadBackend),
+            backend: backend(self.backend),
             builder: BatchBuilder::new(
                 BatchLimits {
                     max_bytes: 1 << 20,
@@ -176,10 +195,16 @@ fn append(p: &Path, text: &str) {
 
 #[test]
 fn rename_rotation_finishes_old_then_reads_new() {
+    for b in 0..3 {
+        rename_rotation_on(b);
+    }
+}
+
+fn rename_rotation_on(backend: usize) {
     let d = tempfile::tempdir().expect("tmp");
     let log = d.path().join("pod/app.log");
     append(&log, "a1\na2\n");
-    let mut h = Harness::new(d.path(), "");
+    let mut h = Harness::on(d.path(), "", backend);
     h.step(true);
     append(&log, "a3\n");
     std::fs::rename(&log, d.path().join("pod/app.log.1")).expect("mv");
@@ -395,7 +420,7 @@ proptest! {
     /// deleted before they were read, or rotated away before the tailer knew the file (at
     /// most once). Nothing is delivered that was not written.
     #[test]
-    fn tailer_matches_model(actions in proptest::collection::vec(action(), 1..40)) {
+    fn tailer_matches_model(actions in proptest::collection::vec(action(), 1..40), backend in 0..3usize) {
         let d = tempfile::tempdir().expect("tmp");
         let root = d.path();
         let path = |i: usize| root.join(format!("pod{i}/app.log"));
@@ -404,7 +429,7 @@ proptest! {
         // Files (slot, generation) the tailer has had a chance to discover (present at a step);
         // not inodes: tmpfs hands a freed inode number to the next file at once.
         let mut seen: std::collections::HashSet<(usize, u32)> = std::collections::HashSet::new();
-        let mut h = Harness::new(root, "");
+        let mut h = Harness::on(root, "", backend);
         let step = |h: &mut Harness, ckpt: bool, seen: &mut std::collections::HashSet<(usize, u32)>, files: &[ModelFile]| {
             for (i, f) in files.iter().enumerate() {
                 if path(i).exists() {

@@ -426,6 +426,9 @@ impl Round for StatRound<'_, '_> {
         let op = &mut self.ops[j / 2];
         let sx = sx.cast::<types::statx>();
         if j % 2 == 0 {
+            if op.fd < 0 {
+                return None;
+            }
             Some(
                 opcode::Statx::new(types::Fd(op.fd), c"".as_ptr(), sx)
                     .flags(libc::AT_EMPTY_PATH)
@@ -463,7 +466,9 @@ impl Round for StatRound<'_, '_> {
     fn fallback(&mut self, j: usize) {
         let op = &mut self.ops[j / 2];
         if j % 2 == 0 {
-            op.fd_stat = statx_fd(op.fd);
+            if op.fd >= 0 {
+                op.fd_stat = statx_fd(op.fd);
+            }
         } else if let Some(p) = op.path {
             op.path_stat = statx_path(p);
         }
@@ -585,7 +590,7 @@ mod tests {
         let Ok(mut b) = UringBackend::new() else {
             return eprintln!("io_uring refused; skipped");
         };
-        let mut ops = [StatOp::new(-1, Some(c"/nonexistent/x"))];
+        let mut ops = [StatOp::new(i32::MAX - 1, Some(c"/nonexistent/x"))];
         b.stat_batch(&mut ops);
         assert_eq!(ops[0].fd_stat, Err(Errno(libc::EBADF)));
         assert_eq!(ops[0].path_stat, Err(Errno(libc::ENOENT)));
