@@ -81,7 +81,12 @@ pub struct Setup {
 impl Setup {
     /// A new empty setup.
     pub fn new() -> Setup {
-        let tmp = tempfile::tempdir().expect("tmp");
+        Setup::new_in(&std::env::temp_dir())
+    }
+
+    /// A new empty setup under `dir` (e.g. a tmpfs, a device of its own).
+    pub fn new_in(dir: &Path) -> Setup {
+        let tmp = tempfile::tempdir_in(dir).expect("tmp");
         let logs = tmp.path().join("logs");
         std::fs::create_dir_all(&logs).expect("mkdir logs");
         Setup {

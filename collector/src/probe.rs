@@ -310,7 +310,8 @@ mod tests {
         if can_test("a_local_write_becomes_a_hint").is_none() {
             return;
         }
-        let dir = tempfile::tempdir().expect("tempdir");
+        // tmpfs: a device of its own, so unrelated writes (builds, other tests) do not flood the probe.
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
         let path = dir.path().join("pod.log");
         std::fs::write(&path, b"").expect("create");
         let meta = std::fs::metadata(&path).expect("stat");
@@ -362,7 +363,8 @@ mod tests {
         if can_test("set_devices_starts_hints_for_a_device_added_later").is_none() {
             return;
         }
-        let dir = tempfile::tempdir().expect("tempdir");
+        // tmpfs: a device of its own, so unrelated writes (builds, other tests) do not flood the probe.
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
         let path = dir.path().join("late.log");
         std::fs::write(&path, b"").expect("create");
         let meta = std::fs::metadata(&path).expect("stat");
