@@ -106,6 +106,29 @@ fn weighted<T: Copy>(rng: &mut fastrand::Rng, table: &[(T, u32)]) -> T {
 
 /// Formats unix milliseconds as nginx's `$time_local` in UTC: `29/Nov/2026:21:07:30 +0000`.
 pub fn time_local(unix_ms: u64) -> String {
+    let (y, m, d, sod) = civil(unix_ms);
+    format!(
+        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(m - 1) as usize],
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Formats unix milliseconds as RFC 3339 in UTC, to the second.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let (y, m, d, sod) = civil(unix_ms);
+    format!(
+        "{y}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Year, month, day and second of the day of unix milliseconds (UTC).
+fn civil(unix_ms: u64) -> (i64, i64, i64, u64) {
     let secs = unix_ms / 1000;
     let days = (secs / 86_400) as i64;
     let sod = secs % 86_400;
@@ -119,13 +142,7 @@ pub fn time_local(unix_ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
-        MONTHS[(m - 1) as usize],
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
+    (y, m, d, sod)
 }
 
 /// A seeded source of nginx access lines.
@@ -305,5 +322,6 @@ mod tests {
     fn time_local_formats_like_nginx() {
         assert_eq!(time_local(1_764_450_050_000), "29/Nov/2025:21:00:50 +0000");
         assert_eq!(time_local(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(rfc3339(1_764_450_050_000), "2025-11-29T21:00:50Z");
     }
 }

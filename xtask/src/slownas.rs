@@ -150,6 +150,9 @@ pub fn rounds(touches: &[(Instant, u64)], gap: Duration) -> Vec<Round> {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// A directory listing taken at opendir: (inode, kind, name).
+type Listing = Arc<Vec<(u64, FileType, OsString)>>;
+
 #[derive(Debug, Default)]
 struct Inodes {
     by_real: HashMap<(u64, u64), u64>,
@@ -163,7 +166,7 @@ struct Inner {
     opts: Options,
     inodes: Mutex<Inodes>,
     files: Mutex<HashMap<u64, Arc<File>>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, OsString)>>>>,
+    dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     stats: Arc<OpStats>,
 }
@@ -285,7 +288,9 @@ impl Filesystem for SlowFs {
         self.slow(move |fs| {
             fs.stats.lookup.fetch_add(1, Ordering::Relaxed);
             match fs.entry(parent, &name) {
-                Ok(attr) => reply.entry_with_ttls(&ATTR_TTL, &fs.opts.entry_ttl, &attr, Generation(0)),
+                Ok(attr) => {
+                    reply.entry_with_ttls(&ATTR_TTL, &fs.opts.entry_ttl, &attr, Generation(0))
+                }
                 Err(e) => reply.error(e),
             }
         });
@@ -419,7 +424,14 @@ impl Filesystem for SlowFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(f) = self.inner.files.lock().expect("files lock").get(&fh.0).cloned() else {
+        let Some(f) = self
+            .inner
+            .files
+            .lock()
+            .expect("files lock")
+            .get(&fh.0)
+            .cloned()
+        else {
             return reply.error(Errno::EBADF);
         };
         // The kernel gives the offset even for O_APPEND files (it tracks the size itself);
@@ -430,12 +442,25 @@ impl Filesystem for SlowFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
-        let f = self.inner.files.lock().expect("files lock").get(&fh.0).cloned();
+        let f = self
+            .inner
+            .files
+            .lock()
+            .expect("files lock")
+            .get(&fh.0)
+            .cloned();
         match f.map(|f| f.sync_data()) {
             Some(Err(e)) => reply.error(errno(&e)),
             _ => reply.ok(),
@@ -549,7 +574,13 @@ impl Filesystem for SlowFs {
                 let fh = fs.new_fh();
                 fs.files.lock().expect("files lock").insert(fh, Arc::new(f));
                 let attr = fs.attr(ino, &m);
-                reply.created(&fs.opts.entry_ttl, &attr, Generation(0), FileHandle(fh), fs.fopen_flags());
+                reply.created(
+                    &fs.opts.entry_ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    fs.fopen_flags(),
+                );
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -698,7 +729,12 @@ impl SlowNas {
         cfg.n_threads = Some(2);
         cfg.clone_fd = true;
         let session = fuser::Session::new(fs, &mount, &cfg)
-            .with_context(|| format!("mount slownas at {} (needs root and /dev/fuse)", mount.display()))?
+            .with_context(|| {
+                format!(
+                    "mount slownas at {} (needs root and /dev/fuse)",
+                    mount.display()
+                )
+            })?
             .spawn()
             .context("start slownas session")?;
         Ok(SlowNas {
@@ -717,11 +753,6 @@ impl SlowNas {
     /// Its operation counters.
     pub fn stats(&self) -> &Arc<OpStats> {
         &self.stats
-    }
-
-    /// How it was configured.
-    pub fn options(&self) -> &Options {
-        &self.opts
     }
 
     /// Unmounts now, reporting errors (dropping does the same, silently).
@@ -771,7 +802,13 @@ mod tests {
     fn rounds_split_on_gaps() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let touches = vec![(ms(0), 1), (ms(5), 2), (ms(9), 1), (ms(500), 1), (ms(520), 3)];
+        let touches = vec![
+            (ms(0), 1),
+            (ms(5), 2),
+            (ms(9), 1),
+            (ms(500), 1),
+            (ms(520), 3),
+        ];
         let r = rounds(&touches, Duration::from_millis(100));
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].files, 2);

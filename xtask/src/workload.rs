@@ -12,7 +12,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -87,12 +86,20 @@ impl Tree {
         bytes_per_file: u64,
         seed: u64,
     ) -> Result<Tree> {
-        assert!(per_dir <= NAMES.len(), "at most {} files per dir", NAMES.len());
+        assert!(
+            per_dir <= NAMES.len(),
+            "at most {} files per dir",
+            NAMES.len()
+        );
         let mut rel = Vec::with_capacity(dirs * per_dir);
         for d in 0..dirs {
             let app = APPS[d % APPS.len()];
             let ns = NAMESPACES[d / APPS.len() % NAMESPACES.len()];
-            let pod = format!("{app}-{:08x}-{:05}", d.wrapping_mul(2_654_435_761) as u32, d);
+            let pod = format!(
+                "{app}-{:08x}-{:05}",
+                d.wrapping_mul(2_654_435_761) as u32,
+                d
+            );
             let pod_ip = format!("10.244.{}.{}", d / 250 % 256, d % 250 + 2);
             let node = d % 16;
             let dir = format!("{app}/{ns}_{pod}_{pod_ip}_10.0.0.{}_node-{node}", node + 10);
@@ -266,11 +273,6 @@ impl Tree {
     }
 }
 
-/// A shared stop flag for writer pools.
-pub fn stop_flag() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,11 +286,20 @@ mod tests {
         for i in 0..tree.rel.len() {
             let text = std::fs::read(tree.path(i)).expect("read");
             assert_eq!(text.len() as u64, tree.bytes[i]);
-            let lines: Vec<_> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+            let lines: Vec<_> = text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .collect();
             assert_eq!(lines.len() as u64, tree.lines[i]);
             for (seq, l) in lines.iter().enumerate() {
                 let p = parse_line(l).expect("parses");
-                assert_eq!(p.id, LineId { file: i as u32, seq: seq as u64 });
+                assert_eq!(
+                    p.id,
+                    LineId {
+                        file: i as u32,
+                        seq: seq as u64
+                    }
+                );
             }
             assert!(!tree.pod_of(i).is_empty());
         }
@@ -308,7 +319,10 @@ mod tests {
             // 20 lines/s for 0.5 s, plus at most one for the phase.
             assert!((10..=11).contains(&tree.lines[i]), "{}", tree.lines[i]);
             let text = std::fs::read(tree.path(i)).expect("read");
-            assert_eq!(text.iter().filter(|b| **b == b'\n').count() as u64, tree.lines[i]);
+            assert_eq!(
+                text.iter().filter(|b| **b == b'\n').count() as u64,
+                tree.lines[i]
+            );
         }
     }
 }
