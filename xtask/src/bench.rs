@@ -336,6 +336,36 @@ impl Running {
     }
 }
 
+/// Mean poll round between two scrapes of voltail's `voltail_poll_round_seconds`, seconds.
+fn daemon_round(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+) -> Option<f64> {
+    let d = |k: &str| Some(after.get(k)? - before.get(k).copied().unwrap_or(0.0));
+    let (sum, count) = (
+        d("voltail_poll_round_seconds_sum")?,
+        d("voltail_poll_round_seconds_count")?,
+    );
+    (count > 0.0).then(|| sum / count)
+}
+
+/// Notes which read backend voltail reports it runs (`voltail_reader_backend{backend=..}`).
+fn backend_note(o: &mut Outcome, r: &Running) {
+    if !r.is_voltail() {
+        return;
+    }
+    let m = scrape(r.port).unwrap_or_default();
+    let used: Vec<String> = m
+        .iter()
+        .filter(|(k, v)| k.starts_with("voltail_reader_backend{") && **v > 0.0)
+        .filter_map(|(k, _)| k.split('"').nth(1).map(str::to_string))
+        .collect();
+    if !used.is_empty() {
+        o.notes
+            .push(format!("read backend in use: {}", used.join(", ")));
+    }
+}
+
 /// Puts the verdict in the outcome; an error when lines were lost or duplicated.
 fn judge(o: &mut Outcome, v: crate::verify::Verdict) -> Result<()> {
     let ok = v.ok();
@@ -450,8 +480,12 @@ fn w1(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
                     ..Default::default()
                 };
                 let mut r = c.start(&root, &dir, ctx.args.poll_interval, &opts)?;
-                r.wait_lines(tree.total_lines(), s.patience)?;
+                let read = r.wait_lines(tree.total_lines(), s.patience)?;
                 let e = r.stop()?;
+                o.notes.push(format!(
+                    "all lines read after {read:.2?}, exited after {:.2?}",
+                    e.wall
+                ));
                 let cpu = e.cpu.as_secs_f64().max(1e-9);
                 let per_cpu = mib / cpu;
                 o.measure("MiB per wall-s", mib / e.wall.as_secs_f64(), "MiB/s", None);
@@ -636,6 +670,7 @@ fn steady(
     let cpu = r.proc.cpu().saturating_sub(c0).as_secs_f64();
     let wall = t0.elapsed().as_secs_f64();
     r.check_alive()?;
+    backend_note(o, &r);
     let appended = tree.total_lines() - before;
     // Wait for the tail to arrive.
     let deadline = Instant::now() + s.patience;
@@ -755,6 +790,7 @@ fn w4(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
             let caught = r.wait_lines(tree.total_lines(), s.patience)?;
             o.measure("catch-up", caught.as_secs_f64(), "s", Target::at_most(15.0));
             std::thread::sleep(Duration::from_secs(1));
+            let m0 = scrape(r.port).unwrap_or_default();
             nas.stats().record(true);
             let ops0 = nas.stats().total();
             std::thread::sleep(s.w4_round_window);
@@ -762,44 +798,49 @@ fn w4(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
             let ops = nas.stats().total() - ops0;
             r.check_alive()?;
             let touches = nas.stats().take_touches();
-            let gap = ctx.args.poll_interval / 4;
+            if let Some(p) = std::env::var_os("XTASK_DUMP_TOUCHES") {
+                let t0 = touches.first().map(|t| t.0);
+                let text: String = touches
+                    .iter()
+                    .map(|(t, i)| {
+                        format!(
+                            "{:.3} {i}\n",
+                            (*t - t0.unwrap_or(*t)).as_secs_f64() * 1000.0
+                        )
+                    })
+                    .collect();
+                let _ = std::fs::write(p, text);
+            }
             let all = tree.rel.len();
-            let full: Vec<f64> = rounds(&touches, gap)
-                .into_iter()
-                .filter(|x| x.files * 10 >= all * 9)
-                .map(|x| x.duration.as_secs_f64() * 1000.0)
-                .collect();
-            let round = if full.is_empty() {
-                // No quiet gap between rounds: they take longer than the interval; the window
-                // over the polls per file it managed is the round.
-                let distinct = {
-                    let mut v: Vec<u64> = touches.iter().map(|t| t.1).collect();
-                    v.sort_unstable();
-                    v.dedup();
-                    v.len().max(1)
-                };
-                let polls = touches.len() as f64 / distinct as f64;
+            let mut full = rounds(&touches, all, ctx.args.poll_interval / 4);
+            full.sort();
+            if full.is_empty() {
                 o.notes.push(format!(
-                    "no gap between rounds: {} touches of {distinct} files in {:?}",
-                    touches.len(),
-                    s.w4_round_window
+                    "no round covered all {all} files within the {:?} window ({} touches)",
+                    s.w4_round_window,
+                    touches.len()
                 ));
-                s.w4_round_window.as_secs_f64() * 1000.0 / polls.max(1e-9)
             } else {
-                let mut f = full.clone();
-                f.sort_by(f64::total_cmp);
-                f[f.len() / 2]
-            };
-            o.measure(
-                &format!("poll round, {all} files"),
-                round,
-                "ms",
-                if reader == "io_uring" {
-                    Target::at_most(300.0)
-                } else {
-                    None
-                },
-            );
+                o.measure(
+                    &format!("poll round, {all} files (FS side, median)"),
+                    full[full.len() / 2].as_secs_f64() * 1000.0,
+                    "ms",
+                    if reader == "io_uring" {
+                        Target::at_most(300.0)
+                    } else {
+                        None
+                    },
+                );
+            }
+            if let Some(d) = daemon_round(&m0, &scrape(r.port).unwrap_or_default()) {
+                o.measure(
+                    "poll round (voltail_poll_round_seconds mean)",
+                    d * 1000.0,
+                    "ms",
+                    None,
+                );
+            }
+            backend_note(o, &r);
             o.measure(
                 "FS ops/s while idle",
                 ops as f64 / s.w4_round_window.as_secs_f64(),
@@ -807,10 +848,11 @@ fn w4(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
                 None,
             );
             o.notes.push(format!(
-                "{} files in {} dirs through the stand-in ({slownas_note}); {} full rounds in the window",
+                "{} files in {} dirs through the stand-in ({slownas_note}); {} full rounds in the {:?} window",
                 all,
                 s.w4_dirs,
-                full.len()
+                full.len(),
+                s.w4_round_window
             ));
             r.stop()?;
             // The checker compares `file` with paths relative to the root: the mount's do.

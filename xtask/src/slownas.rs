@@ -118,32 +118,28 @@ impl OpStats {
     }
 }
 
-/// Poll rounds seen in a record of touches: bursts of touches separated by more than `gap`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Round {
-    /// First to last touch of the burst.
-    pub duration: Duration,
-    /// Distinct files touched in the burst.
-    pub files: usize,
-}
-
-/// Splits touches into rounds (bursts separated by quiet gaps longer than `gap`).
-pub fn rounds(touches: &[(Instant, u64)], gap: Duration) -> Vec<Round> {
+/// Poll rounds seen in a record of touches: the times it took to touch every one of `files`
+/// files, one round after another. A quiet gap longer than `gap` starts a new round (and drops
+/// an unfinished one), so rounds separated by sleeps are measured from their first touch;
+/// rounds that run into each other are measured as the time to cover every file once.
+pub fn rounds(touches: &[(Instant, u64)], files: usize, gap: Duration) -> Vec<Duration> {
     let mut out = Vec::new();
-    let mut i = 0;
-    while i < touches.len() {
-        let mut j = i + 1;
-        while j < touches.len() && touches[j].0 - touches[j - 1].0 <= gap {
-            j += 1;
+    let mut seen = std::collections::HashSet::new();
+    let mut start: Option<Instant> = None;
+    let mut prev: Option<Instant> = None;
+    for &(t, ino) in touches {
+        if prev.is_some_and(|p| t - p > gap) {
+            seen.clear();
+            start = None;
         }
-        let mut inos: Vec<u64> = touches[i..j].iter().map(|t| t.1).collect();
-        inos.sort_unstable();
-        inos.dedup();
-        out.push(Round {
-            duration: touches[j - 1].0 - touches[i].0,
-            files: inos.len(),
-        });
-        i = j;
+        prev = Some(t);
+        let s = *start.get_or_insert(t);
+        seen.insert(ino);
+        if seen.len() >= files {
+            out.push(t - s);
+            seen.clear();
+            start = None;
+        }
     }
     out
 }
@@ -797,23 +793,147 @@ impl Drop for SlowNas {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// Mounting needs root and /dev/fuse; elsewhere the mount tests say so and pass.
+    fn can_mount() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !(root && Path::new("/dev/fuse").exists()) {
+            eprintln!("skipped: mounting FUSE needs root and /dev/fuse");
+            return false;
+        }
+        true
+    }
 
     #[test]
-    fn rounds_split_on_gaps() {
+    fn passthrough_reads_sees_appends_and_unmounts_on_drop() {
+        if !can_mount() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, mnt) = (dir.path().join("src"), dir.path().join("mnt"));
+        std::fs::create_dir_all(src.join("app/pod")).expect("mkdir");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        std::fs::write(src.join("app/pod/access.log"), "one\n").expect("write");
+        let opts = Options {
+            latency: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let nas = SlowNas::mount(&src, &mnt, opts).expect("mount");
+        let through = mnt.join("app/pod/access.log");
+        let mut f = File::open(&through).expect("open through the mount");
+        let mut text = String::new();
+        f.read_to_string(&mut text).expect("read");
+        assert_eq!(text, "one\n");
+
+        // An append in the source is visible through the open file and to a fresh stat.
+        let mut w = OpenOptions::new()
+            .append(true)
+            .open(src.join("app/pod/access.log"))
+            .expect("open source");
+        w.write_all(b"two\n").expect("append");
+        assert_eq!(std::fs::metadata(&through).expect("stat").len(), 8);
+        text.clear();
+        f.read_to_string(&mut text).expect("read the append");
+        assert_eq!(text, "two\n");
+
+        // Writes through the mount land in the source.
+        let mut m = OpenOptions::new()
+            .append(true)
+            .open(&through)
+            .expect("open rw");
+        m.write_all(b"three\n").expect("write through");
+        drop(m);
+        assert_eq!(
+            std::fs::read_to_string(src.join("app/pod/access.log")).expect("read"),
+            "one\ntwo\nthree\n"
+        );
+        let names: Vec<_> = std::fs::read_dir(mnt.join("app/pod"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["access.log"]);
+
+        // Each operation pays the latency.
+        let t = Instant::now();
+        std::fs::metadata(&through).expect("stat");
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(nas.stats().total() > 0);
+
+        drop(f);
+        drop(nas);
+        assert!(
+            std::fs::read_dir(&mnt).expect("readdir").next().is_none(),
+            "mount point is empty again after drop"
+        );
+    }
+
+    #[test]
+    fn concurrent_operations_overlap_like_nfs_rpcs() {
+        if !can_mount() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, mnt) = (dir.path().join("src"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        for i in 0..64 {
+            std::fs::write(src.join(format!("{i}.log")), "x\n").expect("write");
+        }
+        let opts = Options {
+            latency: Duration::from_millis(20),
+            threads: 64,
+            ..Default::default()
+        };
+        let nas = SlowNas::mount(&src, &mnt, opts).expect("mount");
+        let files: Vec<File> = (0..64)
+            .map(|i| File::open(mnt.join(format!("{i}.log"))).expect("open"))
+            .collect();
+        // 64 stats from 64 threads: sequential would take 64 x 20 ms = 1.28 s.
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for f in &files {
+                s.spawn(move || f.metadata().expect("fstat"));
+            }
+        });
+        let took = t.elapsed();
+        eprintln!("64 concurrent stats at 20 ms each took {took:?}");
+        assert!(
+            took < Duration::from_millis(400),
+            "64 concurrent stats took {took:?}"
+        );
+        drop(files);
+        drop(nas);
+    }
+
+    #[test]
+    fn rounds_cover_every_file_and_restart_after_gaps() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
+        let gap = Duration::from_millis(100);
+        // Two rounds over files 1-3 separated by sleeps, and an unfinished one cut by a gap.
         let touches = vec![
             (ms(0), 1),
             (ms(5), 2),
-            (ms(9), 1),
+            (ms(6), 1),
+            (ms(9), 3),
             (ms(500), 1),
-            (ms(520), 3),
+            (ms(510), 2),
+            (ms(1000), 3),
+            (ms(1010), 2),
+            (ms(1030), 1),
         ];
-        let r = rounds(&touches, Duration::from_millis(100));
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[0].files, 2);
-        assert_eq!(r[0].duration, Duration::from_millis(9));
-        assert_eq!(r[1].files, 2);
-        assert_eq!(r[1].duration, Duration::from_millis(20));
+        assert_eq!(
+            rounds(&touches, 3, gap),
+            [Duration::from_millis(9), Duration::from_millis(30)]
+        );
+        // Back to back: each round ends when every file was touched.
+        let touches: Vec<_> = (0..9).map(|i| (ms(i * 10), i % 3)).collect();
+        assert_eq!(rounds(&touches, 3, gap), [Duration::from_millis(20); 3]);
     }
 }
