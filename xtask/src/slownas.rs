@@ -87,6 +87,13 @@ impl OpStats {
         self.recording.store(on, Ordering::SeqCst);
     }
 
+    /// A copy of the touches recorded so far, oldest first.
+    pub fn touches(&self) -> Vec<(Instant, u64)> {
+        let mut t = self.touches.lock().expect("stats lock").clone();
+        t.sort_by_key(|x| x.0);
+        t
+    }
+
     /// The recorded `(time, inode)` touches, oldest first.
     pub fn take_touches(&self) -> Vec<(Instant, u64)> {
         let mut t = std::mem::take(&mut *self.touches.lock().expect("stats lock"));
