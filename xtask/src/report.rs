@@ -116,6 +116,13 @@ pub struct Machine {
     pub kernel: String,
 }
 
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg has them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 impl Machine {
     /// Reads it from /proc.
     pub fn detect() -> Machine {
@@ -152,6 +159,9 @@ impl Machine {
     }
 }
 
+/// The heading of the hand-written part of docs/benchmarks.md, which `--write-docs` keeps.
+pub const ANALYSIS: &str = "## Analysis";
+
 /// Everything one bench run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -167,6 +177,8 @@ pub struct Report {
     pub voltail: String,
     /// The slow-NAS stand-in's settings.
     pub slownas: String,
+    /// Load averages when the bench started and ended (the machine may be shared).
+    pub load: (String, String),
     /// The results.
     pub outcomes: Vec<Outcome>,
 }
@@ -237,8 +249,9 @@ impl Report {
         s
     }
 
-    /// `docs/benchmarks.md`.
-    pub fn markdown(&self) -> String {
+    /// `docs/benchmarks.md`; `previous` is the page it replaces, whose hand-written
+    /// `## Analysis` section (to the end of the page) is kept.
+    pub fn markdown(&self, previous: Option<&str>) -> String {
         let mut s = String::new();
         s.push_str("# Benchmarks\n\n");
         s.push_str(
@@ -249,6 +262,12 @@ impl Report {
         let _ = writeln!(s, "- Date: {}", self.date);
         let _ = writeln!(s, "- voltail: {}", self.voltail);
         let _ = writeln!(s, "- Slow-NAS stand-in (W4): {}", self.slownas);
+        let _ = writeln!(
+            s,
+            "- Load average (1/5/15 min) at start: {}, at end: {} (anything above 0 on a 2-core \
+             machine is other work competing with the collector: read the numbers with that in mind)",
+            self.load.0, self.load.1
+        );
         let _ = writeln!(s, "- Reproduce: `{}`", self.command);
         s.push('\n');
         s.push_str("## Workloads\n\n");
@@ -285,6 +304,10 @@ impl Report {
             s.push_str(&notes.join("\n"));
             s.push('\n');
         }
+        if let Some(i) = previous.and_then(|p| p.find(ANALYSIS).map(|i| &p[i..])) {
+            s.push('\n');
+            s.push_str(i);
+        }
         s
     }
 }
@@ -308,12 +331,18 @@ mod tests {
             date: "now".into(),
             voltail: "test".into(),
             slownas: "1ms".into(),
+            load: (loadavg(), loadavg()),
             outcomes: vec![o, f],
         };
         let t = r.table();
         assert!(t.contains("| 250 MiB/s | >= 200 | pass |"), "{t}");
         assert!(t.contains("| 80.0 MiB | <= 64.0 | MISS |"), "{t}");
         assert!(t.contains("**FAILED**"), "{t}");
-        assert!(r.markdown().contains("Reproduce: `cargo xtask bench`"));
+        assert!(r.markdown(None).contains("Reproduce: `cargo xtask bench`"));
+        let kept = r.markdown(Some("# old\n\n## Analysis\n\nW1 is slow because.\n"));
+        assert!(
+            kept.ends_with("## Analysis\n\nW1 is slow because.\n"),
+            "{kept}"
+        );
     }
 }

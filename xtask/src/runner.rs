@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -69,6 +70,17 @@ fn tree(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Process groups of the collectors running now (for the interrupt handler).
+static LIVE: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Kills every collector still running (the bench was interrupted).
+pub fn kill_all() {
+    for pg in LIVE.lock().map(|v| v.clone()).unwrap_or_default() {
+        // SAFETY: kill has no memory preconditions; the groups are ours.
+        unsafe { libc::kill(-pg, libc::SIGKILL) };
+    }
+}
+
 /// How a collector process ended.
 #[derive(Debug, Clone, Copy)]
 pub struct Exit {
@@ -109,6 +121,9 @@ impl Proc {
             .spawn()
             .with_context(|| format!("spawn {name}: {cmd:?}"))?;
         let pid = i32::try_from(child.id()).context("pid fits i32")?;
+        if let Ok(mut v) = LIVE.lock() {
+            v.push(pid);
+        }
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -153,6 +168,9 @@ impl Proc {
         let r = unsafe { libc::wait4(self.pid, &mut status, flags, &mut ru) };
         if r != self.pid {
             return None;
+        }
+        if let Ok(mut v) = LIVE.lock() {
+            v.retain(|p| *p != self.pid);
         }
         let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
         let cpu = (tv(ru.ru_utime) + tv(ru.ru_stime)).max(self.last_cpu);

@@ -663,6 +663,19 @@ impl Filesystem for SlowFs {
     }
 }
 
+/// Mount points of the stand-ins mounted now (for the bench's interrupt handler).
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Detaches every stand-in still mounted (the process is about to exit).
+pub fn unmount_all() {
+    for m in LIVE.lock().map(|v| v.clone()).unwrap_or_default() {
+        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_bytes()) {
+            // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 /// A mounted stand-in; unmounts when dropped.
 pub struct SlowNas {
     mount: PathBuf,
@@ -740,6 +753,9 @@ impl SlowNas {
             })?
             .spawn()
             .context("start slownas session")?;
+        if let Ok(mut v) = LIVE.lock() {
+            v.push(mount.clone());
+        }
         Ok(SlowNas {
             mount,
             session: Some(session),
@@ -767,6 +783,9 @@ impl SlowNas {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        if let Ok(mut v) = LIVE.lock() {
+            v.retain(|m| *m != self.mount);
+        }
         let minor = std::fs::metadata(&self.mount).map(|m| {
             let dev = m.dev();
             libc::minor(dev)
