@@ -439,6 +439,30 @@ fn zstd_alone(tree: &Tree) -> Result<f64> {
     Ok(bytes as f64 / MIB / cpu.as_secs_f64().max(1e-9))
 }
 
+/// zstd level 1 alone on the NDJSON voltail wrote to `out` (1 MiB chunks, one thread): input
+/// MiB per CPU-second, i.e. `input_mib` over the time it took to compress that output.
+fn zstd_on_output(out: &Path, input_mib: f64) -> Result<(f64, f64)> {
+    let mut z = zstd::bulk::Compressor::new(1)?;
+    let mut cpu = Duration::ZERO;
+    let mut bytes = 0u64;
+    let mut buf = Vec::with_capacity(2 << 20);
+    for seg in crate::verify::segments(out)? {
+        let data = std::fs::read(&seg)?;
+        let t0 = thread_cpu();
+        for chunk in data.chunks(1 << 20) {
+            buf.clear();
+            buf.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+            z.compress_to_buffer(chunk, &mut buf)?;
+            bytes += chunk.len() as u64;
+        }
+        cpu += thread_cpu().saturating_sub(t0);
+    }
+    Ok((
+        input_mib / cpu.as_secs_f64().max(1e-9),
+        bytes as f64 / MIB / input_mib.max(1e-9),
+    ))
+}
+
 fn thread_cpu() -> Duration {
     // SAFETY: a zeroed timespec is valid; clock_gettime fills it.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
@@ -465,6 +489,7 @@ fn w1(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
     let mut o = Outcome::new("W1", "zstd-1 alone", "zstd crate");
     o.measure("MiB per CPU-s", zstd_speed, "MiB/s", None);
     outcomes.push(o);
+    let mut ndjson = None;
     for c in &ctx.collectors {
         let variants: &[&'static str] = match c {
             Collector::Voltail { .. } => &["zstd", "none"],
@@ -512,10 +537,25 @@ fn w1(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
                     e.cpu
                 ));
                 let v = r.verify(&tree)?;
+                if *comp == "none" && r.is_voltail() {
+                    let (speed, growth) = zstd_on_output(&r.out, mib)?;
+                    ndjson = Some((speed, growth));
+                }
                 ctx.cleanup(&dir);
                 judge(o, v)
             });
         }
+    }
+    if let Some((speed, growth)) = ndjson {
+        let mut o = Outcome::new("W1", "zstd-1 alone on voltail's NDJSON", "zstd crate");
+        o.measure("input MiB per CPU-s", speed, "MiB/s", None);
+        o.measure("NDJSON bytes per input byte", growth, "x", None);
+        o.notes.push(
+            "what the compress stage faces: the events voltail writes (envelope, path, tags) \
+             compressed alone, as input MiB per CPU-second"
+                .into(),
+        );
+        outcomes.push(o);
     }
     ctx.cleanup(&base);
     Ok(())

@@ -283,9 +283,12 @@ impl Report {
              carries its write time; latency is when the event appears in the sink's NDJSON output minus \
              that time (poll interval 1 s).\n\
              - **W4 slow NAS**: W2 and W3 read through the FUSE stand-in (`cargo xtask slownas`), \
-             io_uring and pread side by side. The round is measured from the filesystem's side: the \
-             span of one burst of getattr/read calls that covers the files (with `max_poll_interval` = \
-             `poll_interval` so every file is polled every round).\n\n",
+             io_uring and pread side by side; the writers append to the source directory (pods on \
+             other nodes) while voltail reads the mount. The round is measured from the filesystem's \
+             side: the time until every file has been stat'ed or read once, a quiet gap starting a new \
+             round (with `max_poll_interval` = `poll_interval` so every file is polled every round); \
+             voltail's own `voltail_poll_round_seconds` is shown beside it when a round finished \
+             in the window.\n\n",
         );
         s.push_str("## Results\n\n");
         s.push_str(&self.table());
