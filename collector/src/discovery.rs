@@ -262,6 +262,13 @@ impl Discovery {
         found
     }
 
+    /// Whether source `source` excludes `path`.
+    pub fn excluded(&self, source: usize, path: &Path) -> bool {
+        self.sources
+            .get(source)
+            .is_none_or(|s| s.exclude.is_match(path))
+    }
+
     /// Whether `path` is a file the globs name now (used right after a rotation).
     pub fn check(&mut self, path: &Path, events: &Events) -> Option<Candidate> {
         for (si, s) in self.sources.iter().enumerate() {
@@ -312,6 +319,25 @@ impl Discovery {
                 None
             }
             Err(_) => None, // dangling: nothing to read
+        }
+    }
+
+    /// Whether the walk goes into `p`: a directory, or a symlink to a directory inside the
+    /// roots not visited yet in this pass (symlink loops end here).
+    fn descends(
+        &mut self,
+        p: &Path,
+        kind: Kind,
+        events: &Events,
+        visited: &mut HashSet<PathBuf>,
+    ) -> bool {
+        match kind {
+            Kind::Dir => true,
+            Kind::Symlink => match self.resolve_symlink(p, events) {
+                Some(t) => t.is_dir() && visited.insert(t),
+                None => false,
+            },
+            _ => false,
         }
     }
 
@@ -431,15 +457,7 @@ impl Discovery {
                 live_dirs.insert(dir.to_path_buf());
                 for (name, kind) in self.list(dir, full) {
                     let p = dir.join(&name);
-                    let is_dir = match kind {
-                        Kind::Dir => true,
-                        Kind::Symlink => match self.resolve_symlink(&p, events) {
-                            Some(t) => t.is_dir() && visited.insert(t),
-                            None => false,
-                        },
-                        _ => false,
-                    };
-                    if is_dir {
+                    if self.descends(&p, kind, events, visited) {
                         self.walk(
                             si,
                             pi,
@@ -492,15 +510,7 @@ impl Discovery {
             }
             return;
         }
-        let descend = match kind {
-            Kind::Dir => true,
-            Kind::Symlink => match self.resolve_symlink(p, events) {
-                Some(t) => t.is_dir() && visited.insert(t),
-                None => false,
-            },
-            _ => false,
-        };
-        if descend {
+        if self.descends(p, kind, events, visited) {
             self.walk(
                 si,
                 pi,

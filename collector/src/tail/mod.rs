@@ -121,6 +121,7 @@ struct Tracked {
     read_off: u64,
     acked_sent: u64,
     size: u64,
+    mtime_ns: i64,
     framer: Framer,
     /// Rotated away, deleted, or no longer named by a glob: finish and release.
     orphan: bool,
@@ -152,10 +153,11 @@ pub struct Tailer {
     files: HashMap<FileKey, Tracked>,
     by_path: HashMap<PathBuf, FileKey>,
     by_ino: HashMap<(u64, u64), FileKey>,
-    /// Checkpoint entries not matched to a file yet, by inode.
-    restore: HashMap<u64, Vec<Entry>>,
+    /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
+    restore: HashMap<u64, Vec<(FileKey, Entry)>>,
     next_key: FileKey,
     bufs: Vec<Vec<u8>>,
+    prefix_bufs: Vec<Vec<u8>>,
     discovered_once: bool,
     next_discovery: Instant,
     next_lag: Instant,
@@ -191,8 +193,8 @@ pub struct TailerParts {
     pub events: Events,
     /// Lag bookkeeping shared with the uploader.
     pub lag: Arc<LagBoard>,
-    /// Checkpoint entries to resume from.
-    pub restore: Vec<Entry>,
+    /// Checkpoint entries to resume from, under the keys the uploader's state holds them by.
+    pub restore: Vec<(FileKey, Entry)>,
     /// Options.
     pub opts: TailerOptions,
 }
@@ -209,9 +211,10 @@ pub enum Exit {
 impl Tailer {
     /// Builds a tailer.
     pub fn new(p: TailerParts) -> Tailer {
-        let mut restore: HashMap<u64, Vec<Entry>> = HashMap::new();
-        for e in p.restore {
-            restore.entry(e.id.ino).or_default().push(e);
+        let mut restore: HashMap<u64, Vec<(FileKey, Entry)>> = HashMap::new();
+        let next_key = p.restore.iter().map(|(k, _)| k + 1).max().unwrap_or(1);
+        for (k, e) in p.restore {
+            restore.entry(e.id.ino).or_default().push((k, e));
         }
         let now = Instant::now();
         Tailer {
@@ -228,8 +231,9 @@ impl Tailer {
             by_path: HashMap::new(),
             by_ino: HashMap::new(),
             restore,
-            next_key: 1,
+            next_key,
             bufs: Vec::new(),
+            prefix_bufs: Vec::new(),
             discovered_once: false,
             next_discovery: now,
             next_lag: now,
@@ -361,6 +365,22 @@ impl Tailer {
         self.events.files_watched(self.files.len());
     }
 
+    /// One iteration without sleeping: discovery (when `discover`), a poll round over the
+    /// files due at `now`, and the open batch handed on. For tests and tools that drive the
+    /// tailer step by step.
+    pub fn step(&mut self, now: Instant, discover: bool) -> bool {
+        if discover || now >= self.next_discovery {
+            self.discover(now);
+        }
+        self.drain_hints(now);
+        let more = self.round(now);
+        if let Some(b) = self.builder.take() {
+            let never = AtomicBool::new(false);
+            self.send(b, &never);
+        }
+        more
+    }
+
     /// The number of tracked files.
     pub fn tracked(&self) -> usize {
         self.files.len()
@@ -374,8 +394,8 @@ impl Tailer {
         for c in candidates {
             self.consider(c, now, initial);
         }
-        if initial {
-            self.discovered_once = true;
+        self.discovered_once = true;
+        if !self.restore.is_empty() {
             self.finish_restore(now);
         }
         let every = self
@@ -467,8 +487,8 @@ impl Tailer {
         prefix.truncate(n);
         let resumed = self.take_restore(st.dev, st.ino, &prefix);
         let offset = match &resumed {
-            Some(e) if e.offset <= st.size => e.offset,
-            Some(e) => {
+            Some((_, e)) if e.offset <= st.size => e.offset,
+            Some((_, e)) => {
                 tracing::warn!(path = %path.display(), checkpoint = e.offset, size = st.size,
                     "file is shorter than its checkpoint (truncated while voltail was down); reading from 0");
                 0
@@ -481,8 +501,14 @@ impl Tailer {
             }
             None => 0,
         };
-        let key = self.next_key;
-        self.next_key += 1;
+        // A resumed file keeps its checkpoint key, so its entry is updated, not duplicated.
+        let key = match &resumed {
+            Some((k, _)) => *k,
+            None => {
+                self.next_key += 1;
+                self.next_key - 1
+            }
+        };
         let id = FileId::new(st.dev, st.ino, &prefix);
         let src = &self.sources[source];
         let meta = meta_for(src, key, &path, id.fp, &self.events);
@@ -514,6 +540,7 @@ impl Tailer {
             read_off: offset,
             acked_sent: offset,
             size: st.size,
+            mtime_ns: st.mtime_ns,
             framer: Framer::new(offset, src.cfg.max_line_bytes, src.multiline.clone()),
             orphan,
             interval: base,
@@ -528,12 +555,12 @@ impl Tailer {
         self.events.file_opened();
     }
 
-    fn take_restore(&mut self, dev: u64, ino: u64, prefix: &[u8]) -> Option<Entry> {
+    fn take_restore(&mut self, dev: u64, ino: u64, prefix: &[u8]) -> Option<(FileKey, Entry)> {
         let list = self.restore.get_mut(&ino)?;
         let best = list
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.id.matches(dev, ino, prefix), i))
+            .map(|(i, (_, e))| (e.id.matches(dev, ino, prefix), i))
             .filter(|(m, _)| *m != Match::No)
             .max()?;
         let e = list.swap_remove(best.1);
@@ -543,53 +570,108 @@ impl Tailer {
         Some(e)
     }
 
-    /// After the first discovery: checkpoint entries whose file was not found under a glob
-    /// may have been rotated while voltail was down; look for them next to their old path.
+    /// After a discovery: checkpoint entries whose file was not found under a glob may have
+    /// been rotated while voltail was down; look for them next to their old path and finish
+    /// them. An entry is dropped only when its file is gone for sure (its directory lists
+    /// without it, or is gone while the volume is there); while the volume is unreachable the
+    /// entries are kept, so a mount that comes late does not make everything read again.
     fn finish_restore(&mut self, now: Instant) {
-        let left: Vec<Entry> = self.restore.drain().flat_map(|(_, v)| v).collect();
-        for e in left {
-            let path = PathBuf::from(&e.path);
-            let found = path
-                .parent()
-                .and_then(|dir| std::fs::read_dir(dir).ok())
-                .and_then(|rd| {
-                    rd.flatten().find(|d| {
-                        d.file_type().is_ok_and(|t| t.is_file())
-                            && std::os::unix::fs::DirEntryExt::ino(d) == e.id.ino
-                    })
-                });
-            let Some(d) = found else {
-                tracing::info!(path = %e.path, offset = e.offset, "checkpointed file is gone");
-                continue;
+        let left: Vec<(FileKey, Entry)> = self.restore.drain().flat_map(|(_, v)| v).collect();
+        let volume_up = !self.discovery.roots().is_empty();
+        let mut keep = Vec::new();
+        // Entries whose file still holds what they fingerprinted go first, so that an older
+        // entry for a reused inode never claims a file another entry resumes.
+        let mut later = Vec::new();
+        for pass in 0..2 {
+            let batch = if pass == 0 {
+                left.clone()
+            } else {
+                std::mem::take(&mut later)
             };
-            let Some(source) = self.sources.iter().position(|s| *s.name == *e.source) else {
-                continue;
-            };
-            let c = Candidate {
-                path: d.path(),
-                open_path: d.path(),
-                source,
-            };
-            let Ok(file) = self.discovery.open(&c) else {
-                continue;
-            };
-            let Ok(st) = backend::statx_fd(file.as_raw_fd()) else {
-                continue;
-            };
-            if self.by_ino.contains_key(&(st.dev, st.ino)) {
-                continue;
+            for (key, e) in batch {
+                self.restore_one(key, e, pass, volume_up, now, &mut keep, &mut later);
             }
-            let mut prefix = vec![0u8; FINGERPRINT_BYTES];
-            let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
-            if e.id.matches(st.dev, st.ino, &prefix[..n]) == Match::No {
-                tracing::info!(path = %e.path, "checkpointed file is gone (its inode now holds another file)");
-                continue;
-            }
-            tracing::info!(old = %e.path, now_at = %c.path.display(), "finishing a file rotated while voltail was down");
-            self.restore.entry(e.id.ino).or_default().push(e);
-            self.track(source, c.path, file, st, now, false, true);
         }
-        self.restore.clear();
+        for (key, e) in keep {
+            self.restore.entry(e.id.ino).or_default().push((key, e));
+        }
+    }
+
+    /// One leftover checkpoint entry (see `finish_restore`). In pass 0 an entry whose file
+    /// holds other content is put off to pass 1.
+    #[allow(clippy::too_many_arguments)] // the two lists are finish_restore's, passed through
+    fn restore_one(
+        &mut self,
+        key: FileKey,
+        e: Entry,
+        pass: usize,
+        volume_up: bool,
+        now: Instant,
+        keep: &mut Vec<(FileKey, Entry)>,
+        later: &mut Vec<(FileKey, Entry)>,
+    ) {
+        {
+            let path = PathBuf::from(&e.path);
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            let listing = match std::fs::read_dir(dir) {
+                Ok(rd) => Some(rd.flatten().collect::<Vec<_>>()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound && volume_up => None,
+                Err(err) => {
+                    tracing::warn!(path = %e.path, error = %err, "cannot look for a checkpointed file yet; keeping its entry");
+                    keep.push((key, e));
+                    return;
+                }
+            };
+            // The file under a rotated name: same inode, named after the old file, not excluded.
+            let old_name = path
+                .file_name()
+                .map(|n| n.as_bytes().to_vec())
+                .unwrap_or_default();
+            let source = self.sources.iter().position(|s| *s.name == *e.source);
+            let found = listing.into_iter().flatten().find(|d| {
+                d.file_type().is_ok_and(|t| t.is_file())
+                    && std::os::unix::fs::DirEntryExt::ino(d) == e.id.ino
+                    && d.file_name().as_bytes().starts_with(&old_name)
+                    && source.is_some_and(|s| !self.discovery.excluded(s, &d.path()))
+            });
+            let opened = found.and_then(|d| {
+                let source = source?;
+                let c = Candidate {
+                    path: d.path(),
+                    open_path: d.path(),
+                    source,
+                };
+                let file = self.discovery.open(&c).ok()?;
+                let st = backend::statx_fd(file.as_raw_fd()).ok()?;
+                if self.by_ino.contains_key(&(st.dev, st.ino)) {
+                    return None;
+                }
+                let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+                let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
+                let same = e.id.matches(st.dev, st.ino, &prefix[..n]) != Match::No;
+                Some((c, file, st, source, same))
+            });
+            match opened {
+                Some((c, file, st, source, true)) => {
+                    tracing::info!(old = %e.path, now_at = %c.path.display(), "finishing a file rotated while voltail was down");
+                    self.restore.entry(e.id.ino).or_default().push((key, e));
+                    self.track(source, c.path, file, st, now, false, true);
+                }
+                Some(_) if pass == 0 => later.push((key, e)),
+                Some((c, file, st, source, false)) => {
+                    // Same inode, other content: it was truncated (or replaced) and refilled,
+                    // then rotated, all after the last checkpoint. Its content is unread.
+                    tracing::info!(old = %e.path, now_at = %c.path.display(),
+                        "a rotated file holds content the checkpoint never saw; reading it from 0");
+                    self.builder.update(FileUpdate::Release { key });
+                    self.track(source, c.path, file, st, now, false, true);
+                }
+                None => {
+                    tracing::info!(path = %e.path, offset = e.offset, "checkpointed file is gone; forgetting it");
+                    self.builder.update(FileUpdate::Release { key });
+                }
+            }
+        }
     }
 
     // ---- poll rounds ----
@@ -675,20 +757,11 @@ impl Tailer {
             }
         };
         if st.size < f.read_off {
-            tracing::info!(path = %f.path.display(), offset = f.read_off, size = st.size, "file truncated; reading from 0");
-            self.events.truncation();
-            f.read_off = 0;
-            f.framer.reset(0);
-            f.prefix.clear();
-            f.id = FileId::new(f.dev, f.ino, &[]);
-            f.acked_sent = 0;
-            f.last_change = now;
-            self.builder.update(FileUpdate::Identity {
-                key: k,
-                id: f.id,
-                offset: Some(0),
-            });
+            self.restart_at_zero(k, now, "file truncated; reading from 0");
         }
+        let Some(f) = self.files.get_mut(&k) else {
+            return false;
+        };
         f.size = st.size;
         if !f.orphan {
             let replaced = match ps {
@@ -703,7 +776,34 @@ impl Tailer {
                 vacated.push(f.path.clone());
             }
         }
-        st.size > f.read_off
+        // Modified without growing: maybe truncated and refilled to the very same size; the
+        // read phase checks the first bytes (a zero-length read plus the fingerprint check).
+        let touched =
+            st.mtime_ns != f.mtime_ns && st.size == f.read_off && f.read_off > 0 && f.id.fp_len > 0;
+        f.mtime_ns = st.mtime_ns;
+        st.size > f.read_off || touched
+    }
+
+    /// The file was truncated (copytruncate): forget what was framed but not shipped, start
+    /// again at 0 under a new identity.
+    fn restart_at_zero(&mut self, k: FileKey, now: Instant, why: &'static str) {
+        let Some(f) = self.files.get_mut(&k) else {
+            return;
+        };
+        tracing::info!(path = %f.path.display(), offset = f.read_off, "{}", why);
+        self.events.truncation();
+        f.read_off = 0;
+        f.framer.reset(0);
+        f.prefix.clear();
+        f.id = FileId::new(f.dev, f.ino, &[]);
+        f.acked_sent = 0;
+        f.last_change = now;
+        f.next_due = now;
+        self.builder.update(FileUpdate::Identity {
+            key: k,
+            id: f.id,
+            offset: Some(0),
+        });
     }
 
     /// Reads a chunk of files that grew. Returns whether any filled its buffer.
@@ -711,29 +811,79 @@ impl Tailer {
         while self.bufs.len() < keys.len() {
             self.bufs.push(vec![0u8; READ_BUF]);
         }
+        while self.prefix_bufs.len() < keys.len() {
+            self.prefix_bufs.push(vec![0u8; FINGERPRINT_BYTES]);
+        }
         let mut bufs = std::mem::take(&mut self.bufs);
-        let results: Vec<Result<usize, Errno>> = {
-            let mut ops: Vec<ReadOp<'_>> = keys
-                .iter()
-                .zip(bufs.iter_mut())
-                .map(|(k, buf)| {
-                    let f = &self.files[k];
-                    let want = (f.size - f.read_off).min(buf.len() as u64) as usize;
-                    ReadOp {
-                        fd: f.file.as_raw_fd(),
-                        offset: f.read_off,
-                        buf: &mut buf[..want],
+        let mut prefix_bufs = std::mem::take(&mut self.prefix_bufs);
+        // With each read, the file's first bytes: a file truncated and refilled past our
+        // offset between two polls (copytruncate) has the same size story but another
+        // fingerprint. Batched with the read, so it costs no extra round trip.
+        let checks: Vec<bool> = keys
+            .iter()
+            .map(|k| {
+                let f = &self.files[k];
+                f.read_off > 0 && f.id.fp_len > 0
+            })
+            .collect();
+        let (results, prefix_ok): (Vec<Result<usize, Errno>>, Vec<bool>) = {
+            let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(2 * keys.len());
+            for (k, buf) in keys.iter().zip(bufs.iter_mut()) {
+                let f = &self.files[k];
+                let want = (f.size - f.read_off).min(buf.len() as u64) as usize;
+                ops.push(ReadOp {
+                    fd: f.file.as_raw_fd(),
+                    offset: f.read_off,
+                    buf: &mut buf[..want],
+                    result: Err(Errno::PENDING),
+                });
+            }
+            for ((k, buf), check) in keys.iter().zip(prefix_bufs.iter_mut()).zip(&checks) {
+                if *check {
+                    let fd = self.files[k].file.as_raw_fd();
+                    ops.push(ReadOp {
+                        fd,
+                        offset: 0,
+                        buf: &mut buf[..],
                         result: Err(Errno::PENDING),
-                    }
-                })
-                .collect();
+                    });
+                }
+            }
             self.backend.read_batch(&mut ops);
-            ops.into_iter().map(|o| o.result).collect()
+            let mut it = ops.into_iter();
+            let results: Vec<_> = it.by_ref().take(keys.len()).map(|o| o.result).collect();
+            let mut prefix_ok = Vec::with_capacity(keys.len());
+            for (k, check) in keys.iter().zip(&checks) {
+                if !*check {
+                    prefix_ok.push(true);
+                    continue;
+                }
+                let o = it.next().expect("one prefix op per checked file");
+                let f = &self.files[k];
+                prefix_ok.push(match o.result {
+                    Ok(n) => f.id.matches(f.dev, f.ino, &o.buf[..n]) != Match::No,
+                    Err(_) => true, // can't tell; the size check still guards
+                });
+            }
+            (results, prefix_ok)
         };
+        self.prefix_bufs = prefix_bufs;
+        for (k, ok) in keys.iter().zip(&prefix_ok) {
+            if !ok {
+                self.restart_at_zero(
+                    *k,
+                    now,
+                    "file was truncated and refilled (its first bytes changed); reading from 0",
+                );
+            }
+        }
         let mut more = false;
         let mut bytes = 0u64;
         let mut lines = 0u64;
-        for ((k, res), buf) in keys.iter().zip(results).zip(bufs.iter()) {
+        for (((k, res), buf), ok) in keys.iter().zip(results).zip(bufs.iter()).zip(prefix_ok) {
+            if !ok {
+                continue; // read at a stale offset; the file is due again from 0
+            }
             match res {
                 Ok(0) => {}
                 Ok(n) => {
@@ -775,9 +925,12 @@ impl Tailer {
             return 0;
         };
         let src = &self.sources[f.source];
-        // Grow the fingerprint while the file is still short of FINGERPRINT_BYTES.
-        if f.id.fingerprint_incomplete() && (f.read_off as usize) < FINGERPRINT_BYTES {
-            let have = f.read_off as usize;
+        // The fingerprint describes the bytes as read, never as first seen: a file may be
+        // truncated and refilled between being found and being read. Recomputed whenever the
+        // first bytes are read, grown while the file is short of FINGERPRINT_BYTES.
+        let have = f.read_off as usize;
+        if have < FINGERPRINT_BYTES && (have == 0 || f.id.fingerprint_incomplete()) {
+            f.prefix.truncate(have);
             if f.prefix.len() == have {
                 let take = (FINGERPRINT_BYTES - have).min(data.len());
                 f.prefix.extend_from_slice(&data[..take]);
@@ -831,7 +984,9 @@ impl Tailer {
             return;
         };
         let s = &self.sources[f.source].cfg;
-        if f.next_due <= now {
+        // A file with a backlog stays due: it is read again in the very next round.
+        let backlog = f.read_off < f.size;
+        if f.next_due <= now && !backlog {
             let grew = f.last_change == now;
             let cap = match self.opts.probe_poll_interval {
                 Some(p) => p.max(s.max_poll_interval.0),
