@@ -126,15 +126,18 @@ impl OpStats {
 }
 
 /// Poll rounds seen in a record of touches: the times it took to touch every one of `files`
-/// files, one round after another. A quiet gap longer than `gap` starts a new round (and drops
-/// an unfinished one), so rounds separated by sleeps are measured from their first touch;
-/// rounds that run into each other are measured as the time to cover every file once.
+/// files, one round after another, each round starting at the first touch after the previous
+/// one covered every file or after a quiet gap longer than `gap`. Rounds that sleep between them are measured from their first touch;
+/// rounds that run into each other as the time to cover every file once. The record usually
+/// starts in the middle of a round, so the first entry spans parts of two rounds (and their
+/// sleep): callers should prefer the later ones.
 pub fn rounds(touches: &[(Instant, u64)], files: usize, gap: Duration) -> Vec<Duration> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut start: Option<Instant> = None;
     let mut prev: Option<Instant> = None;
     for &(t, ino) in touches {
+        // A quiet gap is the sleep between rounds: a new round starts here.
         if prev.is_some_and(|p| t - p > gap) {
             seen.clear();
             start = None;
@@ -938,25 +941,24 @@ mod tests {
     }
 
     #[test]
-    fn rounds_cover_every_file_and_restart_after_gaps() {
+    fn rounds_cover_every_file_once() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let gap = Duration::from_millis(100);
-        // Two rounds over files 1-3 separated by sleeps, and an unfinished one cut by a gap.
+        // An unfinished round cut by a sleep, then two rounds over files 1-3 with sleeps.
         let touches = vec![
-            (ms(0), 1),
-            (ms(5), 2),
-            (ms(6), 1),
-            (ms(9), 3),
+            (ms(0), 2),
+            (ms(5), 3),
             (ms(500), 1),
-            (ms(510), 2),
+            (ms(501), 3),
+            (ms(503), 2),
             (ms(1000), 3),
             (ms(1010), 2),
             (ms(1030), 1),
         ];
+        let gap = Duration::from_millis(100);
         assert_eq!(
             rounds(&touches, 3, gap),
-            [Duration::from_millis(9), Duration::from_millis(30)]
+            [Duration::from_millis(3), Duration::from_millis(30)]
         );
         // Back to back: each round ends when every file was touched.
         let touches: Vec<_> = (0..9).map(|i| (ms(i * 10), i % 3)).collect();
