@@ -46,7 +46,11 @@ fuzz_target!(|data: &[u8]| {
     for (bytes, start, end, _split) in &events {
         assert_eq!(*start, at, "events tile the input: {events:?}");
         assert!(end > start, "no empty span");
-        assert!(bytes.len() <= max, "event of {} bytes > max {max}", bytes.len());
+        assert!(
+            bytes.len() <= max,
+            "event of {} bytes > max {max}",
+            bytes.len()
+        );
         let span = &input[*start as usize..*end as usize];
         if !multiline {
             // The bytes are the span without its newline and a \r before it.

@@ -46,7 +46,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(v["offset"].as_u64(), Some(offset));
     assert_eq!(v["timestamp"].as_str(), Some(ts.rfc3339()));
     for (k, val) in &tags {
-        assert_eq!(v["tags"][k.as_str()].as_str(), Some(val.as_str()), "tag {k:?}");
+        assert_eq!(
+            v["tags"][k.as_str()].as_str(),
+            Some(val.as_str()),
+            "tag {k:?}"
+        );
     }
 });
 

@@ -422,7 +422,11 @@ fn checkpoint_from_another_machine_does_not_reread_everything() {
     gen(&s.logs, 6, 3_000, 11);
     let cfg = s.config("", "");
     let c = Collector::start(&cfg, s.port);
-    assert!(c.wait_lines(18_000, Duration::from_secs(60)), "{}", c.log_text());
+    assert!(
+        c.wait_lines(18_000, Duration::from_secs(60)),
+        "{}",
+        c.log_text()
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(c.stop(), 0);
     assert_eq!(s.sink().len(), 18_000);
@@ -431,12 +435,20 @@ fn checkpoint_from_another_machine_does_not_reread_everything() {
     assert_eq!(n, 6, "six files tracked");
     gen(&s.logs, 6, 1_000, 12);
     let c = Collector::start(&cfg, s.port);
-    assert!(c.wait_lines(6_000, Duration::from_secs(60)), "{}", c.log_text());
+    assert!(
+        c.wait_lines(6_000, Duration::from_secs(60)),
+        "{}",
+        c.log_text()
+    );
     std::thread::sleep(Duration::from_millis(800));
     let read = c.metric("voltail_read_lines_total");
     let log = c.log_text();
     assert_eq!(c.stop(), 0);
-    assert_eq!(read, Some(6_000.0), "only the new lines are read; log:\n{log}");
+    assert_eq!(
+        read,
+        Some(6_000.0),
+        "only the new lines are read; log:\n{log}"
+    );
     assert_eq!(assert_exactly_once(&s.sink(), &log_files(&s.logs)), 24_000);
 }
 
@@ -457,7 +469,10 @@ fn gen(root: &Path, pods: usize, lines: u64, seed: u64) {
 
 /// Runs `mount args...`; Err(stderr) when it fails.
 fn mount(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("mount").args(args).output().expect("run mount");
+    let out = Command::new("mount")
+        .args(args)
+        .output()
+        .expect("run mount");
     if out.status.success() {
         Ok(())
     } else {
@@ -476,7 +491,11 @@ impl Tmpfs {
         Tmpfs(at.to_path_buf())
     }
     fn remount(&self, opts: &str) -> Result<(), String> {
-        mount(&["-o", &format!("remount,{opts}"), self.0.to_str().expect("utf-8")])
+        mount(&[
+            "-o",
+            &format!("remount,{opts}"),
+            self.0.to_str().expect("utf-8"),
+        ])
     }
 }
 
@@ -504,7 +523,12 @@ fn wait_metric(c: &Collector, name: &str, what: &str, pred: impl Fn(f64) -> bool
         if let Some(v) = c.metric(name).filter(|v| pred(*v)) {
             return v;
         }
-        assert!(Instant::now() < end, "{what}: {name} = {:?}; log:\n{}", c.metric(name), c.log_text());
+        assert!(
+            Instant::now() < end,
+            "{what}: {name} = {:?}; log:\n{}",
+            c.metric(name),
+            c.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -527,12 +551,21 @@ fn full_then_read_only_disk_stops_loudly_and_recovers_exactly_once() {
     // Full: the sink fails, nothing more is acknowledged, the process stays up. The
     // checkpoint's age does not show this (it measures how far the checkpoint trails what was
     // delivered, and nothing is delivered): the lag and the sink errors do.
-    wait_metric(&c, "voltail_sink_errors_total", "the sink reports ENOSPC", |v| v > 0.0);
+    wait_metric(
+        &c,
+        "voltail_sink_errors_total",
+        "the sink reports ENOSPC",
+        |v| v > 0.0,
+    );
     let errors = c.metric("voltail_sink_errors_total").unwrap_or(0.0);
     // Batches delivered before the first error may still be checkpointed: sample after that.
-    let errors = wait_metric(&c, "voltail_sink_errors_total", "retrying", |v| v >= errors + 2.0);
+    let errors = wait_metric(&c, "voltail_sink_errors_total", "retrying", |v| {
+        v >= errors + 2.0
+    });
     let ck = checkpoint::read_only(&s.data).expect("checkpoint readable");
-    wait_metric(&c, "voltail_sink_errors_total", "still retrying", |v| v >= errors + 1.0);
+    wait_metric(&c, "voltail_sink_errors_total", "still retrying", |v| {
+        v >= errors + 1.0
+    });
     let lag = wait_metric(&c, "voltail_lag_bytes", "lag shows the stall", |v| v > 0.0);
     let ck2 = checkpoint::read_only(&s.data).expect("checkpoint readable");
     assert!(
@@ -540,9 +573,15 @@ fn full_then_read_only_disk_stops_loudly_and_recovers_exactly_once() {
         "no torn checkpoint on a full disk: {:?}",
         ck2.outcome
     );
-    assert_eq!(ck.generation, ck2.generation, "the checkpoint stopped advancing");
+    assert_eq!(
+        ck.generation, ck2.generation,
+        "the checkpoint stopped advancing"
+    );
     assert_eq!(ck.entries, ck2.entries, "no offset moved");
-    assert!(c.child.try_wait().expect("try_wait").is_none(), "still running");
+    assert!(
+        c.child.try_wait().expect("try_wait").is_none(),
+        "still running"
+    );
     assert_eq!(http_status(s.port, "/health"), Some(200));
     let log = c.log_text();
     assert!(
@@ -550,7 +589,10 @@ fn full_then_read_only_disk_stops_loudly_and_recovers_exactly_once() {
         "the full disk is in the log:\n{log}"
     );
     let shipped = s.sink().len();
-    assert!(shipped < 20_000, "the disk filled up before everything was shipped ({shipped})");
+    assert!(
+        shipped < 20_000,
+        "the disk filled up before everything was shipped ({shipped})"
+    );
     eprintln!(
         "disk full: {shipped} of 20000 lines shipped, lag {lag} B, checkpoint generation {}",
         ck2.generation
@@ -565,7 +607,10 @@ fn full_then_read_only_disk_stops_loudly_and_recovers_exactly_once() {
     // (EBUSY), so the volume goes read-only under a crashed collector, which then starts on
     // it: a start-up error (the data_dir lock cannot be written), loud, with a non-zero exit.
     let busy = disk.remount("ro");
-    assert!(busy.is_err(), "a live read-only remount is refused: {busy:?}");
+    assert!(
+        busy.is_err(),
+        "a live read-only remount is refused: {busy:?}"
+    );
     c.kill();
     disk.remount("ro").expect("remount ro");
     gen(&s.logs, 4, 6_000, 22); // 6,000 more lines per pod: 44,000 in all
@@ -575,22 +620,38 @@ fn full_then_read_only_disk_stops_loudly_and_recovers_exactly_once() {
         if let Some(st) = ro.child.try_wait().expect("try_wait") {
             break st;
         }
-        assert!(Instant::now() < end, "still running on a read-only data_dir: {}", ro.log_text());
+        assert!(
+            Instant::now() < end,
+            "still running on a read-only data_dir: {}",
+            ro.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let log = ro.log_text();
     assert_ne!(status.code(), Some(0), "{log}");
-    assert!(log.contains("voltail.lock") && log.contains("Read-only file system"), "{log}");
+    assert!(
+        log.contains("voltail.lock") && log.contains("Read-only file system"),
+        "{log}"
+    );
     assert_eq!(s.sink().len(), 20_000, "nothing shipped, nothing lost");
     disk.remount("rw").expect("rw");
     ro.kill();
     c = Collector::start(&cfg, s.port);
     let got = wait_sink(&s, 44_000, Duration::from_secs(90));
-    assert_eq!(got, 44_000, "recovered from read-only; log:\n{}", c.log_text());
+    assert_eq!(
+        got,
+        44_000,
+        "recovered from read-only; log:\n{}",
+        c.log_text()
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(c.stop(), 0);
     let l = checkpoint::read_only(&s.data).expect("checkpoint");
-    assert!(matches!(l.outcome, checkpoint::LoadOutcome::Clean { .. }), "{:?}", l.outcome);
+    assert!(
+        matches!(l.outcome, checkpoint::LoadOutcome::Clean { .. }),
+        "{:?}",
+        l.outcome
+    );
     assert_eq!(assert_exactly_once(&s.sink(), &log_files(&s.logs)), 44_000);
 }
 
@@ -603,17 +664,30 @@ fn sigkill_before_the_first_checkpoint_repeats_nothing() {
     gen(&s.logs, 4, 2_000, 31);
     // No periodic checkpoint during the first run: only what start-up writes.
     let slow = s.config("", "");
-    let text = std::fs::read_to_string(&slow)
-        .expect("cfg")
-        .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"10m\"");
+    let text = std::fs::read_to_string(&slow).expect("cfg").replace(
+        "checkpoint_interval = \"200ms\"",
+        "checkpoint_interval = \"10m\"",
+    );
     let slow = s.tmp.path().join("slow.toml");
     std::fs::write(&slow, text).expect("cfg");
     let c = Collector::start(&slow, s.port);
-    assert!(c.wait_lines(8_000, Duration::from_secs(60)), "{}", c.log_text());
-    assert_eq!(wait_sink(&s, 8_000, Duration::from_secs(30)), 8_000, "shipped");
+    assert!(
+        c.wait_lines(8_000, Duration::from_secs(60)),
+        "{}",
+        c.log_text()
+    );
+    assert_eq!(
+        wait_sink(&s, 8_000, Duration::from_secs(30)),
+        8_000,
+        "shipped"
+    );
     c.kill();
     let c = Collector::start(&s.config("", ""), s.port);
-    assert!(c.wait_lines(8_000, Duration::from_secs(60)), "{}", c.log_text());
+    assert!(
+        c.wait_lines(8_000, Duration::from_secs(60)),
+        "{}",
+        c.log_text()
+    );
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(c.stop(), 0);
     assert_eq!(assert_exactly_once(&s.sink(), &log_files(&s.logs)), 8_000);

@@ -113,8 +113,12 @@ fn count_sink(out: &Path, written: &[u64]) -> (Vec<Vec<u8>>, u64) {
             let Ok(line) = line else { break }; // a torn last frame, as a consumer would
             let m: Msg = serde_json::from_slice(&line).expect("JSON line");
             let mut it = m.message.split(' ');
-            let pod = it.next().and_then(|p| p.strip_prefix('p')?.parse::<usize>().ok());
-            let seq = it.next().and_then(|p| p.strip_prefix('s')?.parse::<usize>().ok());
+            let pod = it
+                .next()
+                .and_then(|p| p.strip_prefix('p')?.parse::<usize>().ok());
+            let seq = it
+                .next()
+                .and_then(|p| p.strip_prefix('s')?.parse::<usize>().ok());
             match (pod, seq) {
                 (Some(p), Some(s)) if p < PODS && s < seen[p].len() => {
                     seen[p][s] = seen[p][s].saturating_add(1)
@@ -138,10 +142,19 @@ fn soak() {
     let cfg = s.config("", "segment_max_bytes = 67108864");
     let text = std::fs::read_to_string(&cfg)
         .expect("cfg")
-        .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"1s\"")
+        .replace(
+            "checkpoint_interval = \"200ms\"",
+            "checkpoint_interval = \"1s\"",
+        )
         .replace("poll_interval = \"100ms\"", "poll_interval = \"1s\"")
-        .replace("max_poll_interval = \"500ms\"", "max_poll_interval = \"10s\"")
-        .replace("discover_interval = \"300ms\"", "discover_interval = \"5s\"")
+        .replace(
+            "max_poll_interval = \"500ms\"",
+            "max_poll_interval = \"10s\"",
+        )
+        .replace(
+            "discover_interval = \"300ms\"",
+            "discover_interval = \"5s\"",
+        )
         .replace("rotate_wait = \"1s\"", "rotate_wait = \"5s\"")
         .replace("linger = \"50ms\"", "linger = \"100ms\"");
     std::fs::write(&cfg, text).expect("cfg");
@@ -221,5 +234,9 @@ fn soak() {
         fds.iter().max().unwrap_or(&0),
         samples.last().map(|r| r.5).unwrap_or(0),
     );
-    assert_eq!((missing, dups, unexpected), (0, 0, 0), "every line exactly once");
+    assert_eq!(
+        (missing, dups, unexpected),
+        (0, 0, 0),
+        "every line exactly once"
+    );
 }
