@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let events = frame(max, re.clone(), &chunks);
     let mut at = 0u64;
-    for (bytes, start, end, _split) in &events {
+    for (bytes, start, end, split) in &events {
         assert_eq!(*start, at, "events tile the input: {events:?}");
         assert!(end > start, "no empty span");
         assert!(
@@ -56,13 +56,15 @@ fuzz_target!(|data: &[u8]| {
         );
         let span = &input[*start as usize..*end as usize];
         if !multiline {
-            // The bytes are the span without its newline and a \r before it.
+            // The bytes are the span without its newline, and without a final \r unless the
+            // event is a piece cut from a longer line (a flushed partial line "x\r" gives "x":
+            // the \r is taken for the first half of a \r\n; fuzz artifact crash-219d126a).
             let mut want = span;
             if want.last() == Some(&b'\n') {
                 want = &want[..want.len() - 1];
-                if want.last() == Some(&b'\r') {
-                    want = &want[..want.len() - 1];
-                }
+            }
+            if !split && want.last() == Some(&b'\r') {
+                want = &want[..want.len() - 1];
             }
             assert_eq!(bytes.as_slice(), want, "bytes of {start}..{end}");
         }

@@ -27,10 +27,14 @@ case "${1:-}" in
       echo "== fuzz $t for ${secs}s"
       mkdir -p "$scratch/$t"
       cp -r "fuzz/corpus/$t/." "$scratch/$t/"
-      cargo +nightly fuzz run --fuzz-dir fuzz "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 15
-      # `tail` hides the status: take cargo-fuzz's own.
-      [ "${PIPESTATUS[0]}" = 0 ] || { echo "fuzz.sh: $t failed; see fuzz/artifacts/$t/" >&2; exit 1; }
+      if cargo +nightly fuzz run --fuzz-dir fuzz "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 >"$scratch/$t.log" 2>&1; then
+        tail -n 6 "$scratch/$t.log"
+      else
+        grep -A8 -m1 'panicked at' "$scratch/$t.log" || tail -n 60 "$scratch/$t.log"
+        echo "fuzz.sh: $t failed; the input is in fuzz/artifacts/$t/" >&2
+        exit 1
+      fi
     done
     ;;
   *)
