@@ -106,7 +106,7 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     ctx.health.set(Status::Starting);
     let events = ctx.events.clone();
 
-    let (store, loaded) = Store::open(&cfg.data_dir)?;
+    let (mut store, loaded) = Store::open(&cfg.data_dir)?;
     let outcome = match &loaded.outcome {
         LoadOutcome::Fresh => {
             tracing::info!(path = %store.path().display(), "no checkpoint: first start");
@@ -145,6 +145,12 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     for (k, e) in &restore {
         state.entries.insert(*k, e.clone());
     }
+    // The sink's position goes into the checkpoint before anything is shipped: a crash before
+    // the first periodic checkpoint must find it and cut the sink back to it, or whatever was
+    // shipped meanwhile is shipped again (on a first start there was no cursor at all).
+    state.cursor = sink.commit()?;
+    store.write(&state)?;
+    state.mark_clean();
 
     let sources = cfg
         .sources

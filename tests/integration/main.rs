@@ -1,4 +1,6 @@
 //! Integration tests: one test binary, one module per area.
 
 mod collector;
+mod faults;
 mod probe;
+mod soak;
