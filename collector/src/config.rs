@@ -264,6 +264,8 @@ pub struct MultilineConfig {
 pub enum SinkConfig {
     /// Segment files in a directory (the embedded default).
     File(FileSinkConfig),
+    /// NDJSON POSTed to a URL.
+    Http(crate::sink::http::HttpSinkConfig),
 }
 
 impl SinkConfig {
@@ -271,6 +273,7 @@ impl SinkConfig {
     pub fn compression(&self) -> (Compression, i32) {
         match self {
             SinkConfig::File(f) => (f.compression, f.compression_level),
+            SinkConfig::Http(s) => s.stage_compression(),
         }
     }
 }
@@ -578,7 +581,12 @@ impl Config {
                 ));
             }
         }
+        let sink_bad = |key: &str, message: String| {
+            let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            bad(span, format!("sink.{key}"), message)
+        };
         match self.sink() {
+            SinkConfig::Http(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::File(f) => {
                 let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
                 if f.compression == Compression::Gzip {

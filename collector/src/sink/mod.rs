@@ -9,7 +9,9 @@
 //! Each sink also chooses the [`Encoder`] the readers use to write events into batches, and the
 //! whole-batch compression (`SinkConfig::compression`); the sink itself does neither.
 
+pub mod client;
 pub mod file;
+pub mod http;
 
 use crate::batch::{Batch, Encoder, NdjsonEncoder};
 use crate::config::{Config, SinkConfig};
@@ -58,6 +60,7 @@ pub trait Sink: Send {
 pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
     match cfg.sink() {
         SinkConfig::File(f) => Ok(Box::new(file::FileSink::open(f)?)),
+        SinkConfig::Http(s) => Ok(Box::new(http::HttpSink::new(s)?)),
     }
 }
 
@@ -65,5 +68,6 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
 pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
     match cfg {
         SinkConfig::File(_) => Box::new(NdjsonEncoder),
+        SinkConfig::Http(_) => Box::new(http::NdjsonWithIdEncoder),
     }
 }
