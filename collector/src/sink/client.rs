@@ -269,8 +269,12 @@ impl HttpClient {
             }
             Err(e) => Err(transport_error(self.sink, e)),
         };
-        self.metrics
-            .request_done(started.elapsed(), raw_bytes, body.len(), result.as_ref().err());
+        self.metrics.request_done(
+            started.elapsed(),
+            raw_bytes,
+            body.len(),
+            result.as_ref().err(),
+        );
         result
     }
 }
@@ -482,13 +486,7 @@ impl SinkMetrics {
     }
 
     /// Records a finished request.
-    pub fn request_done(
-        &self,
-        took: Duration,
-        raw: usize,
-        sent: usize,
-        error: Option<&SinkError>,
-    ) {
+    pub fn request_done(&self, took: Duration, raw: usize, sent: usize, error: Option<&SinkError>) {
         self.requests.increment(1);
         self.latency.record(took.as_secs_f64());
         self.bytes_raw.increment(raw as u64);
@@ -538,7 +536,10 @@ mod tests {
         let e = status_error("t", 429, b"slow down", Some(Duration::from_secs(3)));
         assert_eq!(e.kind, SinkErrorKind::Transient);
         assert_eq!(e.retry_after, Some(Duration::from_secs(3)));
-        assert_eq!(status_error("t", 503, b"", None).kind, SinkErrorKind::Transient);
+        assert_eq!(
+            status_error("t", 503, b"", None).kind,
+            SinkErrorKind::Transient
+        );
         let e = status_error("t", 400, b"mapper_parsing_exception\nfield x", None);
         assert_eq!(e.kind, SinkErrorKind::Permanent);
         assert_eq!(e.message, "HTTP 400: mapper_parsing_exception field x");

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::client::{self, Auth, ClientOptions, HttpClient, Secret};
-use super::{Sink, SinkError, SinkErrorKind};
+use super::{Sink, SinkError};
 use crate::batch::{Batch, Encoder, Event, NdjsonEncoder};
 use crate::config::{Compression, Dur};
 
@@ -127,7 +127,10 @@ pub(crate) fn validate_level(c: Compression, level: i32) -> Result<(), (&'static
 }
 
 /// Checks auth and timeout.
-pub(crate) fn validate_common(auth: Option<&Auth>, timeout: Dur) -> Result<(), (&'static str, String)> {
+pub(crate) fn validate_common(
+    auth: Option<&Auth>,
+    timeout: Dur,
+) -> Result<(), (&'static str, String)> {
     if let Some(p) = auth.and_then(|a| a.problem()) {
         return Err(("auth", p.into()));
     }
@@ -211,17 +214,6 @@ impl Sink for HttpSink {
     }
 }
 
-/// A permanent error for a batch the sink can't even encode.
-pub(crate) fn format_error(sink: &'static str, message: String) -> SinkError {
-    SinkError {
-        sink,
-        kind: SinkErrorKind::Permanent,
-        reason: "format",
-        message,
-        retry_after: None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +222,13 @@ mod tests {
 
     #[test]
     fn id_is_appended_and_json_stays_valid() {
-        let m = FileMeta::new(1, Arc::from("s"), "/f".into(), vec![("a".into(), "b".into())], 0xab);
+        let m = FileMeta::new(
+            1,
+            Arc::from("s"),
+            "/f".into(),
+            vec![("a".into(), "b".into())],
+            0xab,
+        );
         let ts = Timestamp::now();
         let mut out = Vec::new();
         NdjsonWithIdEncoder.encode(
