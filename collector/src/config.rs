@@ -266,6 +266,8 @@ pub enum SinkConfig {
     File(FileSinkConfig),
     /// NDJSON POSTed to a URL.
     Http(crate::sink::http::HttpSinkConfig),
+    /// `INSERT ... FORMAT JSONEachRow` over ClickHouse's HTTP interface.
+    Clickhouse(crate::sink::clickhouse::ClickHouseSinkConfig),
 }
 
 impl SinkConfig {
@@ -274,6 +276,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(f) => (f.compression, f.compression_level),
             SinkConfig::Http(s) => s.stage_compression(),
+            SinkConfig::Clickhouse(s) => s.stage_compression(),
         }
     }
 }
@@ -587,6 +590,7 @@ impl Config {
         };
         match self.sink() {
             SinkConfig::Http(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Clickhouse(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::File(f) => {
                 let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
                 if f.compression == Compression::Gzip {

@@ -9,6 +9,7 @@
 //! Each sink also chooses the [`Encoder`] the readers use to write events into batches, and the
 //! whole-batch compression (`SinkConfig::compression`); the sink itself does neither.
 
+pub mod clickhouse;
 pub mod client;
 pub mod file;
 pub mod http;
@@ -61,6 +62,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
     match cfg.sink() {
         SinkConfig::File(f) => Ok(Box::new(file::FileSink::open(f)?)),
         SinkConfig::Http(s) => Ok(Box::new(http::HttpSink::new(s)?)),
+        SinkConfig::Clickhouse(s) => Ok(Box::new(clickhouse::ClickHouseSink::new(s)?)),
     }
 }
 
@@ -69,5 +71,6 @@ pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
     match cfg {
         SinkConfig::File(_) => Box::new(NdjsonEncoder),
         SinkConfig::Http(_) => Box::new(http::NdjsonWithIdEncoder),
+        SinkConfig::Clickhouse(_) => Box::new(clickhouse::JsonEachRowEncoder::default()),
     }
 }
