@@ -112,7 +112,10 @@ impl ClickHouseSinkConfig {
         validate_level(self.compression, self.compression_level)?;
         validate_common(self.auth.as_ref(), self.timeout)?;
         if !is_identifier(&self.database) {
-            return Err(("database", format!("{:?} is not an identifier", self.database)));
+            return Err((
+                "database",
+                format!("{:?} is not an identifier", self.database),
+            ));
         }
         if !is_identifier(&self.table) {
             return Err(("table", format!("{:?} is not an identifier", self.table)));
@@ -291,7 +294,10 @@ impl Sink for ClickHouseSink {
         if let Some(e) = encoding {
             headers.push(("Content-Encoding", e));
         }
-        match self.client.post(&self.url, &headers, &body, batch.raw_bytes) {
+        match self
+            .client
+            .post(&self.url, &headers, &body, batch.raw_bytes)
+        {
             Ok(_) => Ok(()),
             Err(e) => {
                 let e = classify(e);

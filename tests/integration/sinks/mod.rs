@@ -1,6 +1,7 @@
 //! Sink tests against servers that decode the real wire formats (and a real ClickHouse, and
 //! librdkafka's mock cluster): every field checked, failures injected.
 
+mod clickhouse;
 mod http;
 pub mod server;
 
