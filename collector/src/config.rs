@@ -268,6 +268,8 @@ pub enum SinkConfig {
     Http(crate::sink::http::HttpSinkConfig),
     /// `INSERT ... FORMAT JSONEachRow` over ClickHouse's HTTP interface.
     Clickhouse(crate::sink::clickhouse::ClickHouseSinkConfig),
+    /// The `_bulk` API of Elasticsearch or OpenSearch.
+    Elasticsearch(crate::sink::elasticsearch::ElasticsearchSinkConfig),
 }
 
 impl SinkConfig {
@@ -277,6 +279,7 @@ impl SinkConfig {
             SinkConfig::File(f) => (f.compression, f.compression_level),
             SinkConfig::Http(s) => s.stage_compression(),
             SinkConfig::Clickhouse(s) => s.stage_compression(),
+            SinkConfig::Elasticsearch(s) => s.stage_compression(),
         }
     }
 }
@@ -591,6 +594,7 @@ impl Config {
         match self.sink() {
             SinkConfig::Http(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::Clickhouse(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Elasticsearch(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::File(f) => {
                 let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
                 if f.compression == Compression::Gzip {

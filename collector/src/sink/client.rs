@@ -65,6 +65,15 @@ pub enum Auth {
         #[serde(default)]
         token_file: Option<PathBuf>,
     },
+    /// `Authorization: ApiKey <key>` (Elasticsearch API keys, already base64-encoded).
+    Apikey {
+        /// The encoded key.
+        #[serde(default)]
+        key: Option<Secret>,
+        /// File holding it (trailing newline ignored).
+        #[serde(default)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 impl Auth {
@@ -80,6 +89,9 @@ impl Auth {
             }
             Auth::Bearer { token, token_file } if token.is_some() == token_file.is_some() => {
                 Some("bearer auth needs exactly one of token and token_file")
+            }
+            Auth::Apikey { key, key_file } if key.is_some() == key_file.is_some() => {
+                Some("apikey auth needs exactly one of key and key_file")
             }
             _ => None,
         }
@@ -108,6 +120,7 @@ impl Auth {
             Auth::Bearer { token, token_file } => {
                 format!("Bearer {}", read(token, token_file)?)
             }
+            Auth::Apikey { key, key_file } => format!("ApiKey {}", read(key, key_file)?),
         }))
     }
 }
@@ -379,6 +392,13 @@ enum Part {
 pub const MISSING_TAG: &str = "unknown";
 
 impl Template {
+    /// A template that renders `s` as it is.
+    pub fn literal(s: &str) -> Template {
+        Template {
+            parts: vec![Part::Lit(s.to_string())],
+        }
+    }
+
     /// Parses `s`; errors name the problem.
     pub fn parse(s: &str) -> Result<Template, String> {
         let mut parts = Vec::new();

@@ -11,6 +11,7 @@
 
 pub mod clickhouse;
 pub mod client;
+pub mod elasticsearch;
 pub mod file;
 pub mod http;
 
@@ -63,6 +64,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
         SinkConfig::File(f) => Ok(Box::new(file::FileSink::open(f)?)),
         SinkConfig::Http(s) => Ok(Box::new(http::HttpSink::new(s)?)),
         SinkConfig::Clickhouse(s) => Ok(Box::new(clickhouse::ClickHouseSink::new(s)?)),
+        SinkConfig::Elasticsearch(s) => Ok(Box::new(elasticsearch::ElasticsearchSink::new(s)?)),
     }
 }
 
@@ -72,5 +74,6 @@ pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
         SinkConfig::File(_) => Box::new(NdjsonEncoder),
         SinkConfig::Http(_) => Box::new(http::NdjsonWithIdEncoder),
         SinkConfig::Clickhouse(_) => Box::new(clickhouse::JsonEachRowEncoder::default()),
+        SinkConfig::Elasticsearch(s) => Box::new(elasticsearch::BulkEncoder::new(s)),
     }
 }
