@@ -305,9 +305,10 @@ impl Sink for ElasticsearchSink {
             }
         };
         if !parsed.errors {
-            return Ok(());
-        }
-        if parsed.items.len() != todo.len() {
+            for &i in &todo {
+                states[i] = ItemState::Done;
+            }
+        } else if parsed.items.len() != todo.len() {
             self.partial = Some((batch.seq, states, rejected));
             return Err(err(
                 SinkErrorKind::Transient,
@@ -321,7 +322,12 @@ impl Sink for ElasticsearchSink {
         }
         let mut retryable = 0;
         let mut first_retry_reason = None;
-        for (item, &i) in parsed.items.iter().zip(&todo) {
+        let items = if parsed.errors {
+            &parsed.items[..]
+        } else {
+            &[]
+        };
+        for (item, &i) in items.iter().zip(&todo) {
             let Some(r) = item.values().next() else {
                 continue;
             };

@@ -2,6 +2,7 @@
 //! librdkafka's mock cluster): every field checked, failures injected.
 
 mod clickhouse;
+mod elasticsearch;
 mod http;
 pub mod server;
 
