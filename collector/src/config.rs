@@ -270,6 +270,8 @@ pub enum SinkConfig {
     Clickhouse(crate::sink::clickhouse::ClickHouseSinkConfig),
     /// The `_bulk` API of Elasticsearch or OpenSearch.
     Elasticsearch(crate::sink::elasticsearch::ElasticsearchSinkConfig),
+    /// Grafana Loki's push API.
+    Loki(crate::sink::loki::LokiSinkConfig),
 }
 
 impl SinkConfig {
@@ -280,6 +282,7 @@ impl SinkConfig {
             SinkConfig::Http(s) => s.stage_compression(),
             SinkConfig::Clickhouse(s) => s.stage_compression(),
             SinkConfig::Elasticsearch(s) => s.stage_compression(),
+            SinkConfig::Loki(s) => s.stage_compression(),
         }
     }
 }
@@ -595,6 +598,7 @@ impl Config {
             SinkConfig::Http(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::Clickhouse(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::Elasticsearch(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Loki(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::File(f) => {
                 let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
                 if f.compression == Compression::Gzip {

@@ -14,6 +14,7 @@ pub mod client;
 pub mod elasticsearch;
 pub mod file;
 pub mod http;
+pub mod loki;
 
 use crate::batch::{Batch, Encoder, NdjsonEncoder};
 use crate::config::{Config, SinkConfig};
@@ -65,6 +66,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
         SinkConfig::Http(s) => Ok(Box::new(http::HttpSink::new(s)?)),
         SinkConfig::Clickhouse(s) => Ok(Box::new(clickhouse::ClickHouseSink::new(s)?)),
         SinkConfig::Elasticsearch(s) => Ok(Box::new(elasticsearch::ElasticsearchSink::new(s)?)),
+        SinkConfig::Loki(s) => Ok(Box::new(loki::LokiSink::new(s)?)),
     }
 }
 
@@ -75,5 +77,6 @@ pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
         SinkConfig::Http(_) => Box::new(http::NdjsonWithIdEncoder),
         SinkConfig::Clickhouse(_) => Box::new(clickhouse::JsonEachRowEncoder::default()),
         SinkConfig::Elasticsearch(s) => Box::new(elasticsearch::BulkEncoder::new(s)),
+        SinkConfig::Loki(_) => Box::new(loki::LokiEncoder),
     }
 }
