@@ -4,6 +4,7 @@
 mod clickhouse;
 mod elasticsearch;
 mod http;
+mod loki;
 pub mod server;
 
 use std::path::Path;
