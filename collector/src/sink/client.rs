@@ -494,8 +494,8 @@ impl SinkMetrics {
             requests: metrics::counter!("voltail_sink_requests_total", "sink" => sink),
             in_flight: metrics::gauge!("voltail_sink_requests_in_flight", "sink" => sink),
             latency: metrics::histogram!("voltail_sink_request_duration_seconds", "sink" => sink),
-            bytes_raw: metrics::counter!("voltail_sink_bytes_total", "sink" => sink, "stage" => "raw"),
-            bytes_sent: metrics::counter!("voltail_sink_bytes_total", "sink" => sink, "stage" => "compressed"),
+            bytes_raw: metrics::counter!("voltail_sink_request_bytes_total", "sink" => sink, "stage" => "raw"),
+            bytes_sent: metrics::counter!("voltail_sink_request_bytes_total", "sink" => sink, "stage" => "sent"),
         }
     }
 
@@ -518,7 +518,7 @@ impl SinkMetrics {
 
     /// Counts a failure by reason (also for item-level failures inside a 2xx answer).
     pub fn failure(&self, reason: &'static str) {
-        metrics::counter!("voltail_sink_failures_total", "sink" => self.sink, "reason" => reason)
+        metrics::counter!("voltail_sink_request_failures_total", "sink" => self.sink, "reason" => reason)
             .increment(1);
     }
 

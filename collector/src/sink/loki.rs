@@ -10,8 +10,8 @@
 //! order) takes the previous timestamp, across batches too. A re-sent batch carries the same
 //! timestamps and lines, which Loki deduplicates.
 //!
-//! The encoder ([`LokiEncoder`]) stores each event as its timestamp and raw message; this sink
-//! groups them into streams at send time. It does not compress through the batch stage: the body
+//! The encoder ([`LokiEncoder`]) stores each event as its timestamp and raw message, one per
+//! line; this sink groups them into streams at send time. It does not compress through the batch stage: the body
 //! is snappy-compressed here as Loki requires.
 
 use std::collections::{BTreeMap, HashMap};
@@ -177,18 +177,30 @@ pub mod proto {
     }
 }
 
-/// Size of the timestamp in front of each event.
-const TS_BYTES: usize = 16;
-
-/// Each event as its collection time (u128 nanoseconds, little-endian) and its raw message.
+/// Each event as `<collection time in ns> <message>\n`: compact, and readable in a
+/// dead-letter file.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LokiEncoder;
 
 impl Encoder for LokiEncoder {
     fn encode(&mut self, ev: &Event<'_>, out: &mut Vec<u8>) {
-        out.extend_from_slice(&ev.timestamp.unix_nanos.to_le_bytes());
+        out.extend_from_slice(
+            itoa::Buffer::new()
+                .format(ev.timestamp.unix_nanos)
+                .as_bytes(),
+        );
+        out.push(b' ');
         out.extend_from_slice(ev.message);
+        out.push(b'\n');
     }
+}
+
+/// Splits a [`LokiEncoder`] event into its time and message.
+fn decode_event(bytes: &[u8]) -> Option<(u128, &[u8])> {
+    let sp = memchr::memchr(b' ', bytes)?;
+    let ts = std::str::from_utf8(&bytes[..sp]).ok()?.parse().ok()?;
+    let msg = &bytes[sp + 1..];
+    Some((ts, msg.strip_suffix(b"\n").unwrap_or(msg)))
 }
 
 /// Pushes batches to Loki.
@@ -335,8 +347,8 @@ impl LokiSink {
         let mut line_buf = Vec::new();
         for (i, ev) in batch.events.iter().enumerate() {
             let bytes = batch.event_bytes(i);
-            let (ts, msg) = match bytes.split_first_chunk::<TS_BYTES>() {
-                Some((ts, msg)) => (u128::from_le_bytes(*ts), msg),
+            let (ts, msg) = match decode_event(bytes) {
+                Some(e) => e,
                 None => {
                     return Err(SinkError {
                         sink: "loki",
@@ -427,5 +439,7 @@ mod tests {
         let mut s = String::new();
         push_label_value("a\"b\\c\nd", &mut s);
         assert_eq!(s, "a\\\"b\\\\c\\nd");
+        assert_eq!(decode_event(b"12 a b\n"), Some((12, &b"a b"[..])));
+        assert_eq!(decode_event(b"x a"), None);
     }
 }
