@@ -2,6 +2,7 @@
 //! librdkafka's mock cluster): every field checked, failures injected.
 
 mod clickhouse;
+mod e2e;
 mod elasticsearch;
 mod http;
 mod loki;
