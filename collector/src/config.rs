@@ -272,6 +272,10 @@ pub enum SinkConfig {
     Elasticsearch(crate::sink::elasticsearch::ElasticsearchSinkConfig),
     /// Grafana Loki's push API.
     Loki(crate::sink::loki::LokiSinkConfig),
+    /// One Kafka message per event.
+    Kafka(crate::sink::kafka::KafkaSinkConfig),
+    /// Alibaba Cloud Log Service `PutLogs`.
+    Sls(crate::sink::sls::SlsSinkConfig),
 }
 
 impl SinkConfig {
@@ -283,6 +287,8 @@ impl SinkConfig {
             SinkConfig::Clickhouse(s) => s.stage_compression(),
             SinkConfig::Elasticsearch(s) => s.stage_compression(),
             SinkConfig::Loki(s) => s.stage_compression(),
+            SinkConfig::Kafka(s) => s.stage_compression(),
+            SinkConfig::Sls(s) => s.stage_compression(),
         }
     }
 }
@@ -599,6 +605,8 @@ impl Config {
             SinkConfig::Clickhouse(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::Elasticsearch(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::Loki(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Kafka(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Sls(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::File(f) => {
                 let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
                 if f.compression == Compression::Gzip {

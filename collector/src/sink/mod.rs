@@ -14,7 +14,9 @@ pub mod client;
 pub mod elasticsearch;
 pub mod file;
 pub mod http;
+pub mod kafka;
 pub mod loki;
+pub mod sls;
 
 use crate::batch::{Batch, Encoder, NdjsonEncoder};
 use crate::config::{Config, SinkConfig};
@@ -67,6 +69,8 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
         SinkConfig::Clickhouse(s) => Ok(Box::new(clickhouse::ClickHouseSink::new(s)?)),
         SinkConfig::Elasticsearch(s) => Ok(Box::new(elasticsearch::ElasticsearchSink::new(s)?)),
         SinkConfig::Loki(s) => Ok(Box::new(loki::LokiSink::new(s)?)),
+        SinkConfig::Kafka(s) => Ok(Box::new(kafka::KafkaSink::new(s)?)),
+        SinkConfig::Sls(s) => Ok(Box::new(sls::SlsSink::new(s)?)),
     }
 }
 
@@ -78,5 +82,7 @@ pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
         SinkConfig::Clickhouse(_) => Box::new(clickhouse::JsonEachRowEncoder::default()),
         SinkConfig::Elasticsearch(s) => Box::new(elasticsearch::BulkEncoder::new(s)),
         SinkConfig::Loki(_) => Box::new(loki::LokiEncoder),
+        SinkConfig::Kafka(_) => Box::new(http::NdjsonWithIdEncoder),
+        SinkConfig::Sls(_) => Box::new(sls::SlsEncoder),
     }
 }

@@ -7,6 +7,7 @@ mod elasticsearch;
 mod http;
 mod loki;
 pub mod server;
+mod sls;
 
 use std::path::Path;
 use std::sync::Arc;
