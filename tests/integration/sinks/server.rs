@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 server on 127.0.0.1 for the sink tests: it hands every request, decoded
 //! just enough (method, target, headers, Content-Length or chunked body), to a handler that
 //! decides the answer, including failures: any status, a delay, or a dropped connection.
+//! [`Server::start_tls`] serves the same over rustls with a given certificate.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -62,6 +63,21 @@ pub struct Server {
 
 impl Server {
     pub fn start(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Server {
+        Server::start_with(None, handler)
+    }
+
+    /// Serves HTTPS with `tls`.
+    pub fn start_tls(
+        tls: Arc<rustls::ServerConfig>,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Server {
+        Server::start_with(Some(tls), handler)
+    }
+
+    fn start_with(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
@@ -75,7 +91,19 @@ impl Server {
                 }
                 let Ok(conn) = conn else { continue };
                 let (h, r, s) = (handler.clone(), r.clone(), s.clone());
-                std::thread::spawn(move || serve(conn, &*h, &r, &s));
+                let tls = tls.clone();
+                std::thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                    match tls {
+                        None => serve(conn, &*h, &r, &s),
+                        Some(cfg) => {
+                            let Ok(sc) = rustls::ServerConnection::new(cfg) else {
+                                return;
+                            };
+                            serve(rustls::StreamOwned::new(sc, conn), &*h, &r, &s)
+                        }
+                    }
+                });
             }
         });
         Server {
@@ -105,12 +133,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(conn: TcpStream, handler: &Handler, count: &AtomicUsize, stop: &AtomicBool) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut w = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
+fn serve<S: Read + Write>(conn: S, handler: &Handler, count: &AtomicUsize, stop: &AtomicBool) {
     let mut r = BufReader::new(conn);
     loop {
         let Some(req) = read_request(&mut r) else {
@@ -127,10 +150,7 @@ fn serve(conn: TcpStream, handler: &Handler, count: &AtomicUsize, stop: &AtomicB
                     std::thread::sleep(d);
                     reply = *inner;
                 }
-                Reply::Drop => {
-                    let _ = w.shutdown(std::net::Shutdown::Both);
-                    return;
-                }
+                Reply::Drop => return,
                 Reply::Status(code, headers, body) => {
                     let mut head =
                         format!("HTTP/1.1 {code} X\r\nContent-Length: {}\r\n", body.len());
@@ -138,7 +158,11 @@ fn serve(conn: TcpStream, handler: &Handler, count: &AtomicUsize, stop: &AtomicB
                         head.push_str(&format!("{k}: {v}\r\n"));
                     }
                     head.push_str("\r\n");
-                    if w.write_all(head.as_bytes()).is_err() || w.write_all(&body).is_err() {
+                    let w = r.get_mut();
+                    if w.write_all(head.as_bytes()).is_err()
+                        || w.write_all(&body).is_err()
+                        || w.flush().is_err()
+                    {
                         return;
                     }
                     break;
@@ -148,7 +172,7 @@ fn serve(conn: TcpStream, handler: &Handler, count: &AtomicUsize, stop: &AtomicB
     }
 }
 
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+fn read_request<S: Read>(r: &mut BufReader<S>) -> Option<Request> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
