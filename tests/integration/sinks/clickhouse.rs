@@ -273,3 +273,93 @@ fn clickhouse_errors_are_classified() {
     let e = s.send(&b).expect_err("server down");
     assert_eq!(e.kind, SinkErrorKind::Transient, "{e}");
 }
+
+/// Through the real binary into a real ClickHouse, with a SIGKILL in the middle: every line is
+/// in the table, and the documented ReplacingMergeTree holds each exactly once (FINAL).
+#[test]
+fn e2e_clickhouse_sigkill_loses_nothing_and_final_has_no_duplicates() {
+    use super::e2e::{append, wait_for, Voltail};
+    let Some(ch) = ClickHouse::start() else {
+        return;
+    };
+    ch.create_table("logs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let pods = dir.path().join("pods");
+    let files: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let d = pods.join(format!("ns{i}_pod-{i}_uid/app"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            d.join("0.log")
+        })
+        .collect();
+    let per_file = 10_000;
+    for (k, f) in files.iter().enumerate() {
+        append(f, k, 0, per_file);
+    }
+    let config = dir.path().join("voltail.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+checkpoint_interval = "200ms"
+probe = "off"
+[metrics]
+address = ""
+[batch]
+max_events = 500
+linger = "50ms"
+queue_batches = 2
+[[sources]]
+name = "pods"
+include = ["{pods}/**/*.log"]
+path_tags = '/pods/(?P<namespace>[^_]+)_(?P<pod>[^_]+)_'
+poll_interval = "100ms"
+discover_interval = "200ms"
+[sink]
+type = "clickhouse"
+endpoint = "{endpoint}"
+"#,
+            data = dir.path().join("data").display(),
+            pods = pods.display(),
+            endpoint = ch.endpoint(),
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("voltail.log");
+    let count = |sql: &str| -> usize {
+        ch.query(sql)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut v = Voltail::start(&config, &log);
+    wait_for(
+        "first rows",
+        Duration::from_secs(60),
+        || count("SELECT count() FROM logs") >= 4_000,
+        &log,
+    );
+    v.signal(libc::SIGKILL);
+    v.wait(Duration::from_secs(10)).expect("killed");
+    let mut v = Voltail::start(&config, &log);
+    let want = files.len() * per_file;
+    wait_for(
+        "every row",
+        Duration::from_secs(120),
+        || count("SELECT uniqExact(id) FROM logs") >= want,
+        &log,
+    );
+    v.signal(libc::SIGTERM);
+    assert!(v.wait(Duration::from_secs(30)).expect("exits").success());
+    assert_eq!(count("SELECT count() FROM logs FINAL"), want);
+    assert_eq!(count("SELECT uniqExact(message) FROM logs"), want);
+    assert_eq!(
+        count("SELECT uniqExact(tags.value[2]) FROM logs"),
+        2,
+        "pod tags"
+    );
+    eprintln!(
+        "e2e clickhouse: {want} lines, {} rows before merging",
+        count("SELECT count() FROM logs")
+    );
+}

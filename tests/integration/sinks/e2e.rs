@@ -53,10 +53,10 @@ pub fn voltail_bin() -> PathBuf {
 }
 
 /// A running voltail; SIGKILLed if still running when dropped.
-struct Voltail(Child);
+pub struct Voltail(pub Child);
 
 impl Voltail {
-    fn start(config: &Path, log: &Path) -> Voltail {
+    pub fn start(config: &Path, log: &Path) -> Voltail {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,13 +74,13 @@ impl Voltail {
         Voltail(child)
     }
 
-    fn signal(&self, sig: i32) {
+    pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
         let r = unsafe { libc::kill(self.0.id() as i32, sig) };
         assert_eq!(r, 0, "kill");
     }
 
-    fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let t = Instant::now();
         while t.elapsed() < within {
             if let Some(st) = self.0.try_wait().expect("try_wait") {
@@ -132,7 +132,7 @@ fn handle(b: &Mutex<Backend>, down: &AtomicBool, req: &Request) -> Reply {
 
 /// Lines `from..to` of file `k`. Files must differ from their first bytes on: the event id is
 /// fingerprint + offset, so files with the same first 256 bytes share ids.
-fn append(path: &Path, k: usize, from: usize, to: usize) {
+pub fn append(path: &Path, k: usize, from: usize, to: usize) {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -145,7 +145,7 @@ fn append(path: &Path, k: usize, from: usize, to: usize) {
     f.write_all(buf.as_bytes()).expect("append");
 }
 
-fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool, log: &Path) {
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool, log: &Path) {
     let t = Instant::now();
     while !cond() {
         if t.elapsed() > within {
