@@ -10,6 +10,16 @@
 //! ClickHouse answers most errors with HTTP 500 and a `Code: N` in the body; [`classify`] makes
 //! the ones that will fail again the same way (unknown table, parse errors, bad credentials)
 //! permanent. The sink does not create tables.
+//!
+//! ```toml
+//! [sink]
+//! type = "clickhouse"
+//! endpoint = "http://clickhouse:8123"
+//! database = "default"
+//! table = "logs"
+//! compression = "gzip"            # "zstd" on ClickHouse 21+
+//! auth = { type = "basic", user = "voltail", password = "${CLICKHOUSE_PASSWORD}" }
+//! ```
 
 use std::borrow::Cow;
 use std::path::PathBuf;

@@ -152,8 +152,8 @@ pub fn config_error(sink: &'static str, message: String) -> SinkError {
 pub struct ClientOptions {
     /// Whole-request timeout.
     pub timeout: Duration,
-    /// Extra headers sent with every request.
-    pub headers: Vec<(String, String)>,
+    /// Extra headers sent with every request (values may hold API keys).
+    pub headers: Vec<(String, Secret)>,
     /// Authentication.
     pub auth: Option<Auth>,
     /// PEM file of CA certificates to trust instead of the built-in web roots.
@@ -180,7 +180,7 @@ const ERROR_BODY_CHARS: usize = 512;
 pub struct HttpClient {
     sink: &'static str,
     agent: ureq::Agent,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, Secret)>,
     authorization: Option<Secret>,
     /// The sink's metrics.
     pub metrics: SinkMetrics,
@@ -247,7 +247,7 @@ impl HttpClient {
         let _in_flight = self.metrics.in_flight();
         let mut req = self.agent.post(url);
         for (k, v) in &self.headers {
-            req = req.header(k.as_str(), v.as_str());
+            req = req.header(k.as_str(), v.0.as_str());
         }
         if let Some(a) = &self.authorization {
             req = req.header("Authorization", a.0.as_str());

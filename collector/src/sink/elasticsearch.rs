@@ -14,6 +14,15 @@
 //! were indexed (they are marked in the message count, and ids keep a later replay idempotent).
 //!
 //! Compression is gzip in the sink (Elasticsearch has no zstd request bodies), after slicing.
+//!
+//! ```toml
+//! [sink]
+//! type = "elasticsearch"              # OpenSearch too
+//! endpoint = "https://es:9200"
+//! index = "logs-{namespace}"          # a data stream needs action = "create" (the default)
+//! auth = { type = "apikey", key = "${ES_API_KEY}" }
+//! ca_file = "/etc/voltail/es-ca.pem"
+//! ```
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,7 +52,8 @@ pub enum BulkAction {
 pub struct ElasticsearchSinkConfig {
     /// Base URL of the cluster (or of one node / a load balancer), e.g. `https://es:9200`.
     pub endpoint: String,
-    /// Index or data stream; `{tag}` and `{source}` are replaced per file (`logs-{namespace}`).
+    /// Index or data stream; `{tag}` and `{source}` are replaced per file (`logs-{namespace}`),
+    /// and the result lowercased.
     #[serde(default = "defaults::index")]
     pub index: String,
     /// `create` (default) or `index`.
@@ -133,7 +143,9 @@ impl Encoder for BulkEncoder {
     fn encode(&mut self, ev: &Event<'_>, out: &mut Vec<u8>) {
         if self.last.as_ref().map(|l| l.0) != Some(ev.meta.key) {
             let mut esc = Vec::new();
-            escape_json(self.index.render(ev.meta).as_bytes(), &mut esc);
+            // Index names are lowercase in Elasticsearch; tags need not be.
+            let index = self.index.render(ev.meta).to_lowercase();
+            escape_json(index.as_bytes(), &mut esc);
             self.last = Some((ev.meta.key, esc));
         }
         let (_, index) = self.last.as_ref().expect("set above");
@@ -197,7 +209,7 @@ impl ElasticsearchSink {
             headers: cfg
                 .headers
                 .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             auth: cfg.auth.clone(),
             ca_file: cfg.ca_file.clone(),

@@ -7,6 +7,17 @@
 //! Any 2xx acknowledges the batch; see [`super::client`] for how other answers are classified.
 //!
 //! The sink does not retry or batch on its own: one `send` is one request.
+//!
+//! ```toml
+//! [sink]
+//! type = "http"
+//! url = "https://ingest.example.com/v1/logs"
+//! compression = "zstd"            # or "gzip", "none"
+//! headers = { X-Api-Key = "${INGEST_KEY}" }
+//! auth = { type = "bearer", token_file = "/var/run/secrets/ingest/token" }
+//! ca_file = "/etc/voltail/ca.pem"
+//! timeout = "30s"
+//! ```
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -90,7 +101,7 @@ impl HttpSinkConfig {
             headers: self
                 .headers
                 .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             auth: self.auth.clone(),
             ca_file: self.ca_file.clone(),

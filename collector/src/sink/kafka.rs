@@ -12,6 +12,20 @@
 //! failure and only the failed messages are produced again when the uploader sends the same
 //! batch again; errors that repeat the same way (message too large, authorization) are permanent.
 //! librdkafka's own retries happen inside `message.timeout.ms`.
+//!
+//! ```toml
+//! [sink]
+//! type = "kafka"
+//! brokers = "kafka-0:9092,kafka-1:9092"
+//! topic = "logs-{namespace}"
+//! key = "{namespace}/{pod}"
+//! compression = "zstd"
+//! [sink.options]                      # any librdkafka property
+//! "security.protocol" = "SASL_SSL"
+//! "sasl.mechanism" = "PLAIN"
+//! "sasl.username" = "voltail"
+//! "sasl.password" = "${KAFKA_PASSWORD}"
+//! ```
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

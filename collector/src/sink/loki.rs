@@ -13,6 +13,16 @@
 //! The encoder ([`LokiEncoder`]) stores each event as its timestamp and raw message, one per
 //! line; this sink groups them into streams at send time. It does not compress through the batch stage: the body
 //! is snappy-compressed here as Loki requires.
+//!
+//! ```toml
+//! [sink]
+//! type = "loki"
+//! endpoint = "http://loki:3100"
+//! tenant_id = "team-a"
+//! labels = ["namespace", "app"]       # tags that become labels; keep them bounded
+//! static_labels = { cluster = "prod-1" }
+//! extra = "metadata"                  # other tags + file: structured metadata, or "json"
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -244,7 +254,7 @@ impl LokiSink {
             headers: cfg
                 .headers
                 .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             auth: cfg.auth.clone(),
             ca_file: cfg.ca_file.clone(),

@@ -11,6 +11,18 @@
 //! A batch holding several files takes several requests; when one fails after others
 //! succeeded, only the groups not yet accepted are sent when the uploader retries the batch.
 //! Groups are cut at SLS's limits (4096 logs, about 3 MiB of raw protobuf per request).
+//!
+//! ```toml
+//! [sink]
+//! type = "sls"
+//! endpoint = "https://cn-hangzhou.log.aliyuncs.com"
+//! project = "k8s-logs"
+//! logstore = "pods"
+//! access_key_id = "${SLS_AK_ID}"
+//! access_key_secret_file = "/var/run/secrets/sls/ak-secret"
+//! topic = "{app}"
+//! compression = "lz4"                 # or "zstd"
+//! ```
 
 use std::collections::HashMap;
 use std::path::PathBuf;
