@@ -182,7 +182,7 @@ impl Encoder for JsonEachRowEncoder {
         out.extend_from_slice(b",\"timestamp_ns\":");
         out.extend_from_slice(num.format(ns as u64).as_bytes());
         out.extend_from_slice(b",\"id\":\"");
-        out.extend_from_slice(ev.meta.event_id(ev.offset).as_bytes());
+        super::http::push_event_id(ev.meta.fingerprint, ev.offset, out);
         out.extend_from_slice(b"\",");
         out.extend_from_slice(mid);
         out.extend_from_slice(b"\"offset\":");

@@ -154,7 +154,7 @@ impl Encoder for BulkEncoder {
         out.extend_from_slice(b"\":{\"_index\":\"");
         out.extend_from_slice(index);
         out.extend_from_slice(b"\",\"_id\":\"");
-        out.extend_from_slice(ev.meta.event_id(ev.offset).as_bytes());
+        super::http::push_event_id(ev.meta.fingerprint, ev.offset, out);
         out.extend_from_slice(b"\"}}\n{\"@");
         self.scratch.clear();
         NdjsonEncoder.encode(ev, &mut self.scratch);
@@ -215,7 +215,11 @@ impl ElasticsearchSink {
             ca_file: cfg.ca_file.clone(),
         };
         Ok(ElasticsearchSink {
-            url: format!("{}/_bulk", cfg.endpoint.trim_end_matches('/')),
+            // Only what `send` reads: the answer for 8192 items shrinks several times.
+            url: format!(
+                "{}/_bulk?filter_path=errors,items.*.status,items.*.error.type,items.*.error.reason",
+                cfg.endpoint.trim_end_matches('/')
+            ),
             gzip: cfg.compression == Compression::Gzip,
             create: cfg.action == BulkAction::Create,
             client: HttpClient::new("elasticsearch", &opts)?,

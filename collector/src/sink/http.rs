@@ -151,6 +151,24 @@ pub(crate) fn validate_common(
     Ok(())
 }
 
+/// Appends `meta.event_id(offset)` (`{fingerprint:016x}-{offset:x}`) to `out` without
+/// allocating: it is written for every event.
+pub fn push_event_id(fingerprint: u64, offset: u64, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..16).rev() {
+        out.push(HEX[((fingerprint >> (i * 4)) & 15) as usize]);
+    }
+    out.push(b'-');
+    let digits = if offset == 0 {
+        1
+    } else {
+        (64 - offset.leading_zeros()).div_ceil(4)
+    };
+    for i in (0..digits).rev() {
+        out.push(HEX[((offset >> (i * 4)) & 15) as usize]);
+    }
+}
+
 /// The lead's NDJSON object with `"id"` added as its last field.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NdjsonWithIdEncoder;
@@ -162,7 +180,7 @@ impl Encoder for NdjsonWithIdEncoder {
         debug_assert!(out.ends_with(b"}\n"));
         out.truncate(out.len() - 2);
         out.extend_from_slice(b",\"id\":\"");
-        out.extend_from_slice(ev.meta.event_id(ev.offset).as_bytes());
+        push_event_id(ev.meta.fingerprint, ev.offset, out);
         out.extend_from_slice(b"\"}\n");
     }
 }
@@ -256,6 +274,18 @@ mod tests {
         assert_eq!(v["message"], "hi \"x\"");
         assert_eq!(v["tags"]["a"], "b");
         assert!(out.ends_with(b"}\n"));
+    }
+
+    #[test]
+    fn event_ids_match_file_meta() {
+        for fp in [0, 1, 0xabc, u64::MAX] {
+            let m = FileMeta::new(1, Arc::from("s"), "/f".into(), vec![], fp);
+            for off in [0, 1, 15, 16, 255, 4096, u64::MAX >> 3, u64::MAX] {
+                let mut out = Vec::new();
+                push_event_id(fp, off, &mut out);
+                assert_eq!(String::from_utf8(out).expect("ascii"), m.event_id(off));
+            }
+        }
     }
 
     #[test]

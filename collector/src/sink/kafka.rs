@@ -11,7 +11,8 @@
 //! When some failed with a retryable error (broker down, timeout), the batch is a transient
 //! failure and only the failed messages are produced again when the uploader sends the same
 //! batch again; errors that repeat the same way (message too large, authorization) are permanent.
-//! librdkafka's own retries happen inside `message.timeout.ms`.
+//! librdkafka's own retries happen inside `message.timeout.ms`. Built only with the `kafka` cargo
+//! feature (default); without it the config still parses and [`build`] says what is missing.
 //!
 //! ```toml
 //! [sink]
@@ -28,19 +29,12 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 
-use super::client::{Secret, SinkMetrics, Template};
-use super::{Sink, SinkError, SinkErrorKind};
-use crate::batch::Batch;
+use super::client::{Secret, Template};
+use super::{Sink, SinkError};
 use crate::config::{Compression, Dur};
 
 /// `[sink] type = "kafka"`.
@@ -112,281 +106,323 @@ impl KafkaSinkConfig {
     }
 }
 
-/// Delivery report of message `index` of the batch of generation `generation`.
-type Report = (u32, Result<(), KafkaError>);
-
-/// Collects delivery reports; the opaque of a message is `generation << 32 | index`.
-#[derive(Debug, Default)]
-pub struct Reports(Mutex<Vec<(usize, Report)>>);
-
-impl ClientContext for Reports {}
-
-impl ProducerContext for Reports {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, r: &DeliveryResult<'_>, opaque: usize) {
-        let res = match r {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(e.clone()),
-        };
-        let generation = (opaque >> 32) as u32;
-        if let Ok(mut v) = self.0.lock() {
-            v.push((opaque & 0xffff_ffff, (generation, res)));
-        }
+/// The sink for `cfg`.
+pub fn build(cfg: &KafkaSinkConfig) -> Result<Box<dyn Sink>, SinkError> {
+    #[cfg(feature = "kafka")]
+    {
+        Ok(Box::new(imp::KafkaSink::new(cfg)?))
+    }
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = cfg;
+        Err(super::client::config_error(
+            "kafka",
+            "this voltail was built without the kafka feature".into(),
+        ))
     }
 }
 
-/// Whether a produce error will fail the same way again.
-fn is_permanent(e: &KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    match e.rdkafka_error_code() {
-        Some(c) => matches!(
-            c,
-            C::MessageSizeTooLarge
-                | C::InvalidMessage
-                | C::InvalidMessageSize
-                | C::InvalidRecord
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidTopic
-                | C::UnsupportedForMessageFormat
-                | C::InvalidArgument
-        ),
-        None => false,
-    }
-}
+#[cfg(feature = "kafka")]
+pub use imp::{KafkaSink, Reports};
 
-/// Produces each event as a message.
-pub struct KafkaSink {
-    producer: BaseProducer<Reports>,
-    topic: Template,
-    key: Option<Template>,
-    timeout: Duration,
-    metrics: SinkMetrics,
-    generation: u32,
-    /// Messages of batch `seq` already acknowledged.
-    partial: Option<(u64, Vec<bool>)>,
-}
+#[cfg(feature = "kafka")]
+mod imp {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
 
-impl std::fmt::Debug for KafkaSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSink")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
-    }
-}
+    use rdkafka::config::ClientConfig;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+    use rdkafka::ClientContext;
 
-fn err(kind: SinkErrorKind, reason: &'static str, message: String) -> SinkError {
-    SinkError {
-        sink: "kafka",
-        kind,
-        reason,
-        message,
-        retry_after: None,
-    }
-}
+    use super::super::client::{SinkMetrics, Template};
+    use super::super::{Sink, SinkError, SinkErrorKind};
+    use super::KafkaSinkConfig;
+    use crate::batch::Batch;
+    use crate::config::Compression;
 
-impl KafkaSink {
-    /// Creates the producer (it connects lazily).
-    pub fn new(cfg: &KafkaSinkConfig) -> Result<KafkaSink, SinkError> {
-        let mut c = ClientConfig::new();
-        for (k, v) in &cfg.options {
-            c.set(k, &v.0);
-        }
-        c.set("bootstrap.servers", &cfg.brokers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set(
-                "compression.type",
-                match cfg.compression {
-                    Compression::Zstd => "zstd",
-                    Compression::Gzip => "gzip",
-                    Compression::None => "none",
-                },
-            )
-            .set("message.timeout.ms", cfg.timeout.0.as_millis().to_string())
-            .set("linger.ms", "5");
-        let producer: BaseProducer<Reports> = c
-            .create_with_context(Reports::default())
-            .map_err(|e| super::client::config_error("kafka", format!("producer: {e}")))?;
-        Ok(KafkaSink {
-            producer,
-            topic: Template::parse(&cfg.topic)
-                .map_err(|e| super::client::config_error("kafka", e))?,
-            key: cfg
-                .key
-                .as_deref()
-                .map(Template::parse)
-                .transpose()
-                .map_err(|e| super::client::config_error("kafka", e))?,
-            timeout: cfg.timeout.0,
-            metrics: SinkMetrics::new("kafka"),
-            generation: 0,
-            partial: None,
-        })
-    }
-}
+    /// Delivery report of message `index` of the batch of generation `generation`.
+    type Report = (u32, Result<(), KafkaError>);
 
-impl Sink for KafkaSink {
-    fn name(&self) -> &'static str {
-        "kafka"
-    }
+    /// Collects delivery reports; the opaque of a message is `generation << 32 | index`.
+    #[derive(Debug, Default)]
+    pub struct Reports(Mutex<Vec<(usize, Report)>>);
 
-    fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
-        Ok(())
-    }
+    impl ClientContext for Reports {}
 
-    fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let n = batch.events.len();
-        if n == 0 {
-            return Ok(());
-        }
-        if batch.compression != Compression::None {
-            return Err(err(
-                SinkErrorKind::Permanent,
-                "format",
-                "compressed batch for the kafka sink".into(),
-            ));
-        }
-        let started = Instant::now();
-        let _in_flight = self.metrics.in_flight();
-        let mut done = match self.partial.take() {
-            Some((seq, d)) if seq == batch.seq && d.len() == n => d,
-            _ => vec![false; n],
-        };
-        self.generation = self.generation.wrapping_add(1);
-        let generation = self.generation;
-        if let Ok(mut v) = self.producer.context().0.lock() {
-            v.clear();
-        }
-        // Topic and key of each file, rendered once.
-        let names: Vec<(String, Option<String>)> = batch
-            .files
-            .iter()
-            .map(|m| (self.topic.render(m), self.key.as_ref().map(|k| k.render(m))))
-            .collect();
-        let deadline = started + self.timeout;
-        let todo: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
-        if todo.len() < n {
-            self.metrics.items_retried(todo.len());
-        }
-        let mut bytes = 0;
-        for &i in &todo {
-            let ev = batch.events[i];
-            let m = &batch.files[ev.file as usize];
-            let (topic, key) = &names[ev.file as usize];
-            let value = batch.event_bytes(i);
-            let value = value.strip_suffix(b"\n").unwrap_or(value);
-            bytes += value.len();
-            let id = m.event_id(ev.offset);
-            let opaque = ((generation as usize) << 32) | i;
-            let mut record = BaseRecord::with_opaque_to(topic, opaque)
-                .payload(value)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "voltail-id",
-                    value: Some(id.as_str()),
-                }));
-            if let Some(k) = key {
-                record = record.key(k.as_str());
-            }
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        if Instant::now() >= deadline {
-                            break;
-                        }
-                        self.producer.poll(Duration::from_millis(10));
-                    }
-                    Err((e, _)) => {
-                        let kind = if is_permanent(&e) {
-                            SinkErrorKind::Permanent
-                        } else {
-                            SinkErrorKind::Transient
-                        };
-                        // Wait for what was queued so that its reports are not lost.
-                        let _ = self
-                            .producer
-                            .flush(deadline.saturating_duration_since(Instant::now()));
-                        self.collect(generation, &mut done);
-                        self.partial = Some((batch.seq, done));
-                        let e = err(kind, "produce", format!("producing to {topic}: {e}"));
-                        self.metrics
-                            .request_done(started.elapsed(), bytes, bytes, Some(&e));
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        let flushed = self
-            .producer
-            .flush(deadline.saturating_duration_since(Instant::now()));
-        let (failed, first) = self.collect(generation, &mut done);
-        let result = if let Some((e, permanent)) = first {
-            let kind = if permanent {
-                SinkErrorKind::Permanent
-            } else {
-                SinkErrorKind::Transient
+    impl ProducerContext for Reports {
+        type DeliveryOpaque = usize;
+
+        fn delivery(&self, r: &DeliveryResult<'_>, opaque: usize) {
+            let res = match r {
+                Ok(_) => Ok(()),
+                Err((e, _)) => Err(e.clone()),
             };
-            Err(err(
-                kind,
-                if permanent { "rejected" } else { "delivery" },
-                format!("{failed} of {n} messages not delivered: {e}"),
-            ))
-        } else if done.iter().all(|d| *d) {
-            Ok(())
-        } else {
-            let missing = done.iter().filter(|d| !**d).count();
-            Err(err(
-                SinkErrorKind::Transient,
-                "timeout",
-                format!(
-                    "{missing} of {n} delivery reports missing after {:?} ({})",
-                    self.timeout,
-                    flushed.err().map(|e| e.to_string()).unwrap_or_default()
-                ),
-            ))
-        };
-        self.metrics
-            .request_done(started.elapsed(), bytes, bytes, result.as_ref().err());
-        if result.is_err() {
-            self.partial = Some((batch.seq, done));
-        }
-        result
-    }
-
-    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
-        Ok(Vec::new())
-    }
-}
-
-impl KafkaSink {
-    /// Applies the reports of `generation` to `done`; returns how many failed and the first
-    /// failure (with whether it is permanent).
-    fn collect(&self, generation: u32, done: &mut [bool]) -> (usize, Option<(KafkaError, bool)>) {
-        let reports = match self.producer.context().0.lock() {
-            Ok(mut v) => std::mem::take(&mut *v),
-            Err(_) => Vec::new(),
-        };
-        let mut failed = 0;
-        let mut first = None;
-        for (i, (g, r)) in reports {
-            if g != generation || i >= done.len() {
-                continue;
+            let generation = (opaque >> 32) as u32;
+            if let Ok(mut v) = self.0.lock() {
+                v.push((opaque & 0xffff_ffff, (generation, res)));
             }
-            match r {
-                Ok(()) => done[i] = true,
-                Err(e) => {
-                    failed += 1;
-                    let p = is_permanent(&e);
-                    if first.as_ref().is_none_or(|(_, fp)| p && !fp) {
-                        first = Some((e, p));
+        }
+    }
+
+    /// Whether a produce error will fail the same way again.
+    pub(super) fn is_permanent(e: &KafkaError) -> bool {
+        use RDKafkaErrorCode as C;
+        match e.rdkafka_error_code() {
+            Some(c) => matches!(
+                c,
+                C::MessageSizeTooLarge
+                    | C::InvalidMessage
+                    | C::InvalidMessageSize
+                    | C::InvalidRecord
+                    | C::TopicAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+                    | C::InvalidTopic
+                    | C::UnsupportedForMessageFormat
+                    | C::InvalidArgument
+            ),
+            None => false,
+        }
+    }
+
+    /// Produces each event as a message.
+    pub struct KafkaSink {
+        producer: BaseProducer<Reports>,
+        topic: Template,
+        key: Option<Template>,
+        timeout: Duration,
+        metrics: SinkMetrics,
+        generation: u32,
+        /// Messages of batch `seq` already acknowledged.
+        partial: Option<(u64, Vec<bool>)>,
+    }
+
+    impl std::fmt::Debug for KafkaSink {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("KafkaSink")
+                .field("topic", &self.topic)
+                .finish_non_exhaustive()
+        }
+    }
+
+    fn err(kind: SinkErrorKind, reason: &'static str, message: String) -> SinkError {
+        SinkError {
+            sink: "kafka",
+            kind,
+            reason,
+            message,
+            retry_after: None,
+        }
+    }
+
+    impl KafkaSink {
+        /// Creates the producer (it connects lazily).
+        pub fn new(cfg: &KafkaSinkConfig) -> Result<KafkaSink, SinkError> {
+            let mut c = ClientConfig::new();
+            for (k, v) in &cfg.options {
+                c.set(k, &v.0);
+            }
+            c.set("bootstrap.servers", &cfg.brokers)
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set(
+                    "compression.type",
+                    match cfg.compression {
+                        Compression::Zstd => "zstd",
+                        Compression::Gzip => "gzip",
+                        Compression::None => "none",
+                    },
+                )
+                .set("message.timeout.ms", cfg.timeout.0.as_millis().to_string())
+                .set("linger.ms", "5");
+            let producer: BaseProducer<Reports> =
+                c.create_with_context(Reports::default()).map_err(|e| {
+                    super::super::client::config_error("kafka", format!("producer: {e}"))
+                })?;
+            Ok(KafkaSink {
+                producer,
+                topic: Template::parse(&cfg.topic)
+                    .map_err(|e| super::super::client::config_error("kafka", e))?,
+                key: cfg
+                    .key
+                    .as_deref()
+                    .map(Template::parse)
+                    .transpose()
+                    .map_err(|e| super::super::client::config_error("kafka", e))?,
+                timeout: cfg.timeout.0,
+                metrics: SinkMetrics::new("kafka"),
+                generation: 0,
+                partial: None,
+            })
+        }
+    }
+
+    impl Sink for KafkaSink {
+        fn name(&self) -> &'static str {
+            "kafka"
+        }
+
+        fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
+            Ok(())
+        }
+
+        fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            let n = batch.events.len();
+            if n == 0 {
+                return Ok(());
+            }
+            if batch.compression != Compression::None {
+                return Err(err(
+                    SinkErrorKind::Permanent,
+                    "format",
+                    "compressed batch for the kafka sink".into(),
+                ));
+            }
+            let started = Instant::now();
+            let _in_flight = self.metrics.in_flight();
+            let mut done = match self.partial.take() {
+                Some((seq, d)) if seq == batch.seq && d.len() == n => d,
+                _ => vec![false; n],
+            };
+            self.generation = self.generation.wrapping_add(1);
+            let generation = self.generation;
+            if let Ok(mut v) = self.producer.context().0.lock() {
+                v.clear();
+            }
+            // Topic and key of each file, rendered once.
+            let names: Vec<(String, Option<String>)> = batch
+                .files
+                .iter()
+                .map(|m| (self.topic.render(m), self.key.as_ref().map(|k| k.render(m))))
+                .collect();
+            let deadline = started + self.timeout;
+            let todo: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
+            if todo.len() < n {
+                self.metrics.items_retried(todo.len());
+            }
+            let mut bytes = 0;
+            for &i in &todo {
+                let ev = batch.events[i];
+                let m = &batch.files[ev.file as usize];
+                let (topic, key) = &names[ev.file as usize];
+                let value = batch.event_bytes(i);
+                let value = value.strip_suffix(b"\n").unwrap_or(value);
+                bytes += value.len();
+                let id = m.event_id(ev.offset);
+                let opaque = ((generation as usize) << 32) | i;
+                let mut record = BaseRecord::with_opaque_to(topic, opaque)
+                    .payload(value)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "voltail-id",
+                        value: Some(id.as_str()),
+                    }));
+                if let Some(k) = key {
+                    record = record.key(k.as_str());
+                }
+                loop {
+                    match self.producer.send(record) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            record = r;
+                            if Instant::now() >= deadline {
+                                break;
+                            }
+                            self.producer.poll(Duration::from_millis(10));
+                        }
+                        Err((e, _)) => {
+                            let kind = if is_permanent(&e) {
+                                SinkErrorKind::Permanent
+                            } else {
+                                SinkErrorKind::Transient
+                            };
+                            // Wait for what was queued so that its reports are not lost.
+                            let _ = self
+                                .producer
+                                .flush(deadline.saturating_duration_since(Instant::now()));
+                            self.collect(generation, &mut done);
+                            self.partial = Some((batch.seq, done));
+                            let e = err(kind, "produce", format!("producing to {topic}: {e}"));
+                            self.metrics
+                                .request_done(started.elapsed(), bytes, bytes, Some(&e));
+                            return Err(e);
+                        }
                     }
                 }
             }
+            let flushed = self
+                .producer
+                .flush(deadline.saturating_duration_since(Instant::now()));
+            let (failed, first) = self.collect(generation, &mut done);
+            let result = if let Some((e, permanent)) = first {
+                let kind = if permanent {
+                    SinkErrorKind::Permanent
+                } else {
+                    SinkErrorKind::Transient
+                };
+                Err(err(
+                    kind,
+                    if permanent { "rejected" } else { "delivery" },
+                    format!("{failed} of {n} messages not delivered: {e}"),
+                ))
+            } else if done.iter().all(|d| *d) {
+                Ok(())
+            } else {
+                let missing = done.iter().filter(|d| !**d).count();
+                Err(err(
+                    SinkErrorKind::Transient,
+                    "timeout",
+                    format!(
+                        "{missing} of {n} delivery reports missing after {:?} ({})",
+                        self.timeout,
+                        flushed.err().map(|e| e.to_string()).unwrap_or_default()
+                    ),
+                ))
+            };
+            self.metrics
+                .request_done(started.elapsed(), bytes, bytes, result.as_ref().err());
+            if result.is_err() {
+                self.partial = Some((batch.seq, done));
+            }
+            result
         }
-        (failed, first)
+
+        fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
+            Ok(Vec::new())
+        }
+    }
+
+    impl KafkaSink {
+        /// Applies the reports of `generation` to `done`; returns how many failed and the first
+        /// failure (with whether it is permanent).
+        fn collect(
+            &self,
+            generation: u32,
+            done: &mut [bool],
+        ) -> (usize, Option<(KafkaError, bool)>) {
+            let reports = match self.producer.context().0.lock() {
+                Ok(mut v) => std::mem::take(&mut *v),
+                Err(_) => Vec::new(),
+            };
+            let mut failed = 0;
+            let mut first = None;
+            for (i, (g, r)) in reports {
+                if g != generation || i >= done.len() {
+                    continue;
+                }
+                match r {
+                    Ok(()) => done[i] = true,
+                    Err(e) => {
+                        failed += 1;
+                        let p = is_permanent(&e);
+                        if first.as_ref().is_none_or(|(_, fp)| p && !fp) {
+                            first = Some((e, p));
+                        }
+                    }
+                }
+            }
+            (failed, first)
+        }
     }
 }
 
@@ -404,8 +440,11 @@ mod tests {
         assert_eq!(c.validate().expect_err("acks").0, "options");
     }
 
+    #[cfg(feature = "kafka")]
     #[test]
     fn permanent_errors() {
+        use super::imp::is_permanent;
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
         assert!(is_permanent(&KafkaError::MessageProduction(
             RDKafkaErrorCode::MessageSizeTooLarge
         )));

@@ -69,7 +69,7 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
         SinkConfig::Clickhouse(s) => Ok(Box::new(clickhouse::ClickHouseSink::new(s)?)),
         SinkConfig::Elasticsearch(s) => Ok(Box::new(elasticsearch::ElasticsearchSink::new(s)?)),
         SinkConfig::Loki(s) => Ok(Box::new(loki::LokiSink::new(s)?)),
-        SinkConfig::Kafka(s) => Ok(Box::new(kafka::KafkaSink::new(s)?)),
+        SinkConfig::Kafka(s) => kafka::build(s),
         SinkConfig::Sls(s) => Ok(Box::new(sls::SlsSink::new(s)?)),
     }
 }

@@ -35,8 +35,7 @@ impl ClickHouse {
     /// outside CI. Under `CI=true` a missing server fails the test.
     pub fn start() -> Option<ClickHouse> {
         let Some(bin) = binary() else {
-            let why =
-                "clickhouse-server is not installed (tests/scripts/clickhouse.sh installs it)";
+            let why = "clickhouse-server is not installed (tests/scripts/sink-deps.sh installs it)";
             assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
             eprintln!("skipping: {why}");
             return None;

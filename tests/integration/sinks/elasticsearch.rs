@@ -42,7 +42,10 @@ fn body(req: &Request) -> Vec<u8> {
 
 fn bulk(c: &mut Cluster, req: &Request) -> Reply {
     c.headers.push(req.clone());
-    assert_eq!(req.target, "/_bulk");
+    assert_eq!(
+        req.target,
+        "/_bulk?filter_path=errors,items.*.status,items.*.error.type,items.*.error.reason"
+    );
     assert_eq!(req.header("content-type"), Some("application/x-ndjson"));
     if c.unavailable > 0 {
         c.unavailable -= 1;

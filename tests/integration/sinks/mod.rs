@@ -5,6 +5,7 @@ mod clickhouse;
 mod e2e;
 mod elasticsearch;
 mod http;
+#[cfg(feature = "kafka")]
 mod kafka;
 mod loki;
 pub mod server;
