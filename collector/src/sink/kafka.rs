@@ -10,7 +10,7 @@
 //! all their reports (bounded by `timeout`), and returns `Ok` only when every one succeeded.
 //! When some failed with a retryable error (broker down, timeout), the batch is a transient
 //! failure and only the failed messages are produced again when the uploader sends the same
-//! batch again; errors that repeat the same way (message too large, authorization) are permanent.
+//! batch again (messages still queued in librdkafka are waited for, never produced twice); errors that repeat the same way (message too large, authorization) are permanent.
 //! librdkafka's own retries happen inside `message.timeout.ms`. Built only with the `kafka` cargo
 //! feature (default); without it the config still parses and [`build`] says what is missing.
 //!
@@ -142,12 +142,13 @@ mod imp {
     use crate::batch::Batch;
     use crate::config::Compression;
 
-    /// Delivery report of message `index` of the batch of generation `generation`.
-    type Report = (u32, Result<(), KafkaError>);
+    /// Delivery report: `(batch tag, message index, result)`.
+    type Report = (u32, usize, Result<(), KafkaError>);
 
-    /// Collects delivery reports; the opaque of a message is `generation << 32 | index`.
+    /// Collects delivery reports; the opaque of a message is `batch tag << 32 | index`, the tag
+    /// being the low 32 bits of `Batch::seq`.
     #[derive(Debug, Default)]
-    pub struct Reports(Mutex<Vec<(usize, Report)>>);
+    pub struct Reports(Mutex<Vec<Report>>);
 
     impl ClientContext for Reports {}
 
@@ -159,9 +160,8 @@ mod imp {
                 Ok(_) => Ok(()),
                 Err((e, _)) => Err(e.clone()),
             };
-            let generation = (opaque >> 32) as u32;
             if let Ok(mut v) = self.0.lock() {
-                v.push((opaque & 0xffff_ffff, (generation, res)));
+                v.push(((opaque >> 32) as u32, opaque & 0xffff_ffff, res));
             }
         }
     }
@@ -186,6 +186,19 @@ mod imp {
         }
     }
 
+    /// Where each message of the batch being delivered stands.
+    #[derive(Debug, Clone, PartialEq)]
+    enum State {
+        /// Not produced (or its last attempt failed transiently): produce it.
+        ToSend,
+        /// Queued in librdkafka, no report yet: wait for it, never produce it twice.
+        InFlight,
+        /// Acknowledged by the brokers.
+        Done,
+        /// Refused for good.
+        Refused(String),
+    }
+
     /// Produces each event as a message.
     pub struct KafkaSink {
         producer: BaseProducer<Reports>,
@@ -193,9 +206,8 @@ mod imp {
         key: Option<Template>,
         timeout: Duration,
         metrics: SinkMetrics,
-        generation: u32,
-        /// Messages of batch `seq` already acknowledged.
-        partial: Option<(u64, Vec<bool>)>,
+        /// The batch being delivered (`Batch::seq`) and its messages' states.
+        current: Option<(u64, Vec<State>)>,
     }
 
     impl std::fmt::Debug for KafkaSink {
@@ -240,21 +252,74 @@ mod imp {
                 c.create_with_context(Reports::default()).map_err(|e| {
                     super::super::client::config_error("kafka", format!("producer: {e}"))
                 })?;
+            let tpl = |s: &str| {
+                Template::parse(s).map_err(|e| super::super::client::config_error("kafka", e))
+            };
             Ok(KafkaSink {
                 producer,
-                topic: Template::parse(&cfg.topic)
-                    .map_err(|e| super::super::client::config_error("kafka", e))?,
-                key: cfg
-                    .key
-                    .as_deref()
-                    .map(Template::parse)
-                    .transpose()
-                    .map_err(|e| super::super::client::config_error("kafka", e))?,
+                topic: tpl(&cfg.topic)?,
+                key: cfg.key.as_deref().map(tpl).transpose()?,
                 timeout: cfg.timeout.0,
                 metrics: SinkMetrics::new("kafka"),
-                generation: 0,
-                partial: None,
+                current: None,
             })
+        }
+
+        /// Applies the reports received so far to `states` (reports of other batches are
+        /// stale: that batch was given up, by a permanent error or a restart of the uploader).
+        fn collect(&self, tag: u32, states: &mut [State]) {
+            let reports = match self.producer.context().0.lock() {
+                Ok(mut v) => std::mem::take(&mut *v),
+                Err(_) => Vec::new(),
+            };
+            for (t, i, r) in reports {
+                if t != tag || i >= states.len() || states[i] != State::InFlight {
+                    continue;
+                }
+                states[i] = match r {
+                    Ok(()) => State::Done,
+                    Err(e) if is_permanent(&e) => State::Refused(e.to_string()),
+                    Err(_) => State::ToSend,
+                };
+            }
+        }
+
+        /// Queues message `i`; `Err` when librdkafka refuses it at once.
+        fn produce(
+            &self,
+            batch: &Batch,
+            i: usize,
+            names: &[(String, Option<String>)],
+            tag: u32,
+            deadline: Instant,
+        ) -> Result<usize, KafkaError> {
+            let ev = batch.events[i];
+            let m = &batch.files[ev.file as usize];
+            let (topic, key) = &names[ev.file as usize];
+            let value = batch.event_bytes(i);
+            let value = value.strip_suffix(b"\n").unwrap_or(value);
+            let id = m.event_id(ev.offset);
+            let mut record = BaseRecord::with_opaque_to(topic, ((tag as usize) << 32) | i)
+                .payload(value)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "voltail-id",
+                    value: Some(id.as_str()),
+                }));
+            if let Some(k) = key {
+                record = record.key(k.as_str());
+            }
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => return Ok(value.len()),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                        if Instant::now() < deadline =>
+                    {
+                        record = r;
+                        self.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
         }
     }
 
@@ -280,148 +345,93 @@ mod imp {
                 ));
             }
             let started = Instant::now();
+            let deadline = started + self.timeout;
             let _in_flight = self.metrics.in_flight();
-            let mut done = match self.partial.take() {
-                Some((seq, d)) if seq == batch.seq && d.len() == n => d,
-                _ => vec![false; n],
+            let tag = batch.seq as u32;
+            let mut states = match self.current.take() {
+                Some((seq, s)) if seq == batch.seq && s.len() == n => s,
+                _ => vec![State::ToSend; n],
             };
-            self.generation = self.generation.wrapping_add(1);
-            let generation = self.generation;
-            if let Ok(mut v) = self.producer.context().0.lock() {
-                v.clear();
-            }
-            // Topic and key of each file, rendered once.
+            self.producer.poll(Duration::ZERO);
+            self.collect(tag, &mut states);
             let names: Vec<(String, Option<String>)> = batch
                 .files
                 .iter()
                 .map(|m| (self.topic.render(m), self.key.as_ref().map(|k| k.render(m))))
                 .collect();
-            let deadline = started + self.timeout;
-            let todo: Vec<usize> = (0..n).filter(|&i| !done[i]).collect();
-            if todo.len() < n {
-                self.metrics.items_retried(todo.len());
-            }
+            let again = states.iter().any(|s| *s != State::ToSend);
             let mut bytes = 0;
-            for &i in &todo {
-                let ev = batch.events[i];
-                let m = &batch.files[ev.file as usize];
-                let (topic, key) = &names[ev.file as usize];
-                let value = batch.event_bytes(i);
-                let value = value.strip_suffix(b"\n").unwrap_or(value);
-                bytes += value.len();
-                let id = m.event_id(ev.offset);
-                let opaque = ((generation as usize) << 32) | i;
-                let mut record = BaseRecord::with_opaque_to(topic, opaque)
-                    .payload(value)
-                    .headers(OwnedHeaders::new().insert(Header {
-                        key: "voltail-id",
-                        value: Some(id.as_str()),
-                    }));
-                if let Some(k) = key {
-                    record = record.key(k.as_str());
+            let mut sent = 0;
+            let mut refused_now = None;
+            for (i, state) in states.iter_mut().enumerate() {
+                if *state != State::ToSend {
+                    continue;
                 }
-                loop {
-                    match self.producer.send(record) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                            record = r;
-                            if Instant::now() >= deadline {
-                                break;
-                            }
-                            self.producer.poll(Duration::from_millis(10));
-                        }
-                        Err((e, _)) => {
-                            let kind = if is_permanent(&e) {
-                                SinkErrorKind::Permanent
-                            } else {
-                                SinkErrorKind::Transient
-                            };
-                            // Wait for what was queued so that its reports are not lost.
-                            let _ = self
-                                .producer
-                                .flush(deadline.saturating_duration_since(Instant::now()));
-                            self.collect(generation, &mut done);
-                            self.partial = Some((batch.seq, done));
-                            let e = err(kind, "produce", format!("producing to {topic}: {e}"));
-                            self.metrics
-                                .request_done(started.elapsed(), bytes, bytes, Some(&e));
-                            return Err(e);
-                        }
+                match self.produce(batch, i, &names, tag, deadline) {
+                    Ok(b) => {
+                        bytes += b;
+                        sent += 1;
+                        *state = State::InFlight;
+                    }
+                    Err(e) if is_permanent(&e) => *state = State::Refused(e.to_string()),
+                    Err(e) => {
+                        // Queue full past the deadline, or the producer is failing: wait for
+                        // what is queued and report the batch as not delivered yet.
+                        refused_now = Some(e.to_string());
+                        break;
                     }
                 }
             }
-            let flushed = self
+            if again && sent > 0 {
+                self.metrics.items_retried(sent);
+            }
+            // Wait for the reports; an error here is a timeout, judged below by the states.
+            let _ = self
                 .producer
                 .flush(deadline.saturating_duration_since(Instant::now()));
-            let (failed, first) = self.collect(generation, &mut done);
-            let result = if let Some((e, permanent)) = first {
-                let kind = if permanent {
-                    SinkErrorKind::Permanent
-                } else {
-                    SinkErrorKind::Transient
-                };
-                Err(err(
-                    kind,
-                    if permanent { "rejected" } else { "delivery" },
-                    format!("{failed} of {n} messages not delivered: {e}"),
-                ))
-            } else if done.iter().all(|d| *d) {
+            self.collect(tag, &mut states);
+            let count = |f: &dyn Fn(&State) -> bool| states.iter().filter(|s| f(s)).count();
+            let done = count(&|s| *s == State::Done);
+            let refused = count(&|s| matches!(s, State::Refused(_)));
+            let result = if done == n {
                 Ok(())
+            } else if done + refused == n {
+                let why = states
+                    .iter()
+                    .find_map(|s| match s {
+                        State::Refused(w) => Some(w.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                Err(err(
+                    SinkErrorKind::Permanent,
+                    "rejected",
+                    format!("{refused} of {n} messages refused: {why}"),
+                ))
             } else {
-                let missing = done.iter().filter(|d| !**d).count();
+                let waiting = count(&|s| *s == State::InFlight);
+                let failed = n - done - refused - waiting;
                 Err(err(
                     SinkErrorKind::Transient,
-                    "timeout",
+                    if waiting > 0 { "timeout" } else { "delivery" },
                     format!(
-                        "{missing} of {n} delivery reports missing after {:?} ({})",
+                        "{} of {n} messages not acknowledged within {:?} ({failed} failed, {waiting} still queued){}",
+                        n - done,
                         self.timeout,
-                        flushed.err().map(|e| e.to_string()).unwrap_or_default()
+                        refused_now.map(|e| format!(": {e}")).unwrap_or_default()
                     ),
                 ))
             };
             self.metrics
                 .request_done(started.elapsed(), bytes, bytes, result.as_ref().err());
-            if result.is_err() {
-                self.partial = Some((batch.seq, done));
+            if matches!(&result, Err(e) if e.kind == SinkErrorKind::Transient) {
+                self.current = Some((batch.seq, states));
             }
             result
         }
 
         fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
             Ok(Vec::new())
-        }
-    }
-
-    impl KafkaSink {
-        /// Applies the reports of `generation` to `done`; returns how many failed and the first
-        /// failure (with whether it is permanent).
-        fn collect(
-            &self,
-            generation: u32,
-            done: &mut [bool],
-        ) -> (usize, Option<(KafkaError, bool)>) {
-            let reports = match self.producer.context().0.lock() {
-                Ok(mut v) => std::mem::take(&mut *v),
-                Err(_) => Vec::new(),
-            };
-            let mut failed = 0;
-            let mut first = None;
-            for (i, (g, r)) in reports {
-                if g != generation || i >= done.len() {
-                    continue;
-                }
-                match r {
-                    Ok(()) => done[i] = true,
-                    Err(e) => {
-                        failed += 1;
-                        let p = is_permanent(&e);
-                        if first.as_ref().is_none_or(|(_, fp)| p && !fp) {
-                            first = Some((e, p));
-                        }
-                    }
-                }
-            }
-            (failed, first)
         }
     }
 }

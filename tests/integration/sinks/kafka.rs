@@ -167,7 +167,16 @@ fn kafka_outage_is_transient_and_resend_does_not_duplicate() {
     let e = s.send(&b2).expect_err("every broker is down");
     assert_eq!(e.kind, SinkErrorKind::Transient, "{e}");
     mc.broker_up(-1).expect("up");
-    s.send(&b2).expect("delivered after the outage");
+    // As the uploader does: the same batch again until acknowledged (librdkafka may take a few
+    // seconds to reconnect).
+    let t = Instant::now();
+    while let Err(e) = s.send(&b2) {
+        assert_eq!(e.kind, SinkErrorKind::Transient, "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not delivered after the outage: {e}"
+        );
+    }
     let got = consume(&bootstrap, &["logs-ns1"], 100);
     let mut ids: Vec<&str> = got.iter().map(|g| g.id.as_str()).collect();
     ids.sort();
