@@ -264,6 +264,18 @@ pub struct MultilineConfig {
 pub enum SinkConfig {
     /// Segment files in a directory (the embedded default).
     File(FileSinkConfig),
+    /// NDJSON POSTed to a URL.
+    Http(crate::sink::http::HttpSinkConfig),
+    /// `INSERT ... FORMAT JSONEachRow` over ClickHouse's HTTP interface.
+    Clickhouse(crate::sink::clickhouse::ClickHouseSinkConfig),
+    /// The `_bulk` API of Elasticsearch or OpenSearch.
+    Elasticsearch(crate::sink::elasticsearch::ElasticsearchSinkConfig),
+    /// Grafana Loki's push API.
+    Loki(crate::sink::loki::LokiSinkConfig),
+    /// One Kafka message per event.
+    Kafka(crate::sink::kafka::KafkaSinkConfig),
+    /// Alibaba Cloud Log Service `PutLogs`.
+    Sls(crate::sink::sls::SlsSinkConfig),
 }
 
 impl SinkConfig {
@@ -271,6 +283,12 @@ impl SinkConfig {
     pub fn compression(&self) -> (Compression, i32) {
         match self {
             SinkConfig::File(f) => (f.compression, f.compression_level),
+            SinkConfig::Http(s) => s.stage_compression(),
+            SinkConfig::Clickhouse(s) => s.stage_compression(),
+            SinkConfig::Elasticsearch(s) => s.stage_compression(),
+            SinkConfig::Loki(s) => s.stage_compression(),
+            SinkConfig::Kafka(s) => s.stage_compression(),
+            SinkConfig::Sls(s) => s.stage_compression(),
         }
     }
 }
@@ -586,7 +604,17 @@ impl Config {
                 ));
             }
         }
+        let sink_bad = |key: &str, message: String| {
+            let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            bad(span, format!("sink.{key}"), message)
+        };
         match self.sink() {
+            SinkConfig::Http(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Clickhouse(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Elasticsearch(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Loki(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Kafka(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
+            SinkConfig::Sls(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::File(f) => {
                 if f.compression == Compression::Gzip {
                     return Err(at(

@@ -3,4 +3,5 @@
 mod collector;
 mod faults;
 mod probe;
+mod sinks;
 mod soak;

@@ -9,7 +9,14 @@
 //! Each sink also chooses the [`Encoder`] the readers use to write events into batches, and the
 //! whole-batch compression (`SinkConfig::compression`); the sink itself does neither.
 
+pub mod clickhouse;
+pub mod client;
+pub mod elasticsearch;
 pub mod file;
+pub mod http;
+pub mod kafka;
+pub mod loki;
+pub mod sls;
 
 use crate::batch::{Batch, Encoder, NdjsonEncoder};
 use crate::config::{Config, SinkConfig};
@@ -58,6 +65,12 @@ pub trait Sink: Send {
 pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
     match cfg.sink() {
         SinkConfig::File(f) => Ok(Box::new(file::FileSink::open(f)?)),
+        SinkConfig::Http(s) => Ok(Box::new(http::HttpSink::new(s)?)),
+        SinkConfig::Clickhouse(s) => Ok(Box::new(clickhouse::ClickHouseSink::new(s)?)),
+        SinkConfig::Elasticsearch(s) => Ok(Box::new(elasticsearch::ElasticsearchSink::new(s)?)),
+        SinkConfig::Loki(s) => Ok(Box::new(loki::LokiSink::new(s)?)),
+        SinkConfig::Kafka(s) => kafka::build(s),
+        SinkConfig::Sls(s) => Ok(Box::new(sls::SlsSink::new(s)?)),
     }
 }
 
@@ -65,5 +78,11 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
 pub fn encoder(cfg: &SinkConfig) -> Box<dyn Encoder> {
     match cfg {
         SinkConfig::File(_) => Box::new(NdjsonEncoder),
+        SinkConfig::Http(_) => Box::new(http::NdjsonWithIdEncoder),
+        SinkConfig::Clickhouse(_) => Box::new(clickhouse::JsonEachRowEncoder::default()),
+        SinkConfig::Elasticsearch(s) => Box::new(elasticsearch::BulkEncoder::new(s)),
+        SinkConfig::Loki(_) => Box::new(loki::LokiEncoder),
+        SinkConfig::Kafka(_) => Box::new(http::NdjsonWithIdEncoder),
+        SinkConfig::Sls(_) => Box::new(sls::SlsEncoder),
     }
 }
