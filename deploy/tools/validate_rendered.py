@@ -134,6 +134,7 @@ def check_refs(docs):
         else:
             ok(f"{name_of(sm)} selects {[name_of(s) for s in hits]}")
     for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
+        before = len(failures)
         for g in pr["spec"]["groups"]:
             for r in g["rules"]:
                 what = f"{name_of(pr)} alert {r.get('alert') or r.get('record')}"
@@ -146,7 +147,8 @@ def check_refs(docs):
                 anchor = rb.split("#", 1)[1] if "#" in rb else ""
                 if not anchor or anchor not in heads:
                     fail(f"{what}: runbook {rb!r} is not a heading of docs/operations.md")
-        ok(f"{name_of(pr)} rules name known metrics and documented runbooks")
+        if len(failures) == before:
+            ok(f"{name_of(pr)} rules name known metrics and documented runbooks")
     for cm in (d for d in docs if d["kind"] == "ConfigMap"):
         for key, text in (cm.get("data") or {}).items():
             if not key.endswith(".json"):
@@ -172,7 +174,26 @@ def expand_k8s(value, env):
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
 
 
+def voltail_check(voltail, text, env):
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text)
+        f.flush()
+        try:
+            r = subprocess.run([voltail, "check", "--config", f.name], env=env,
+                               capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return -1, f"cannot run {voltail}: {e}"
+        return r.returncode, (r.stdout + r.stderr).strip().replace(f.name, "voltail.toml")
+
+
 def check_configs(docs, voltail):
+    if voltail is not None:
+        # Negative control: a `check` that accepts a broken config proves nothing.
+        code, out = voltail_check(voltail, 'data_dir = "/tmp"\npoll_intervall = "1s"\n', {})
+        if code == 0:
+            fail(f"{voltail} check accepted a config with an unknown key: no working `check`")
+            return
+        ok(f"voltail check refuses a broken config (exit {code}: {out.splitlines()[0][:90]})")
     cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
                  and d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
@@ -214,14 +235,9 @@ def check_configs(docs, voltail):
                         fail(f"{name_of(w)}: VOLTAIL_SHARD {shard!r} but replicas: {replicas}")
                 if voltail is None:
                     continue
-                with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-                    f.write(text)
-                    f.flush()
-                    r = subprocess.run([voltail, "check", "--config", f.name], env=env,
-                                       capture_output=True, text=True)
-                out = (r.stdout + r.stderr).strip().replace(f.name, f"{cm_name}/{path.name}")
-                if r.returncode != 0:
-                    fail(f"{name_of(w)} as {pod}: voltail check: exit {r.returncode}: {out}")
+                code, out = voltail_check(voltail, text, env)
+                if code != 0:
+                    fail(f"{name_of(w)} as {pod}: voltail check {cm_name}: exit {code}: {out}")
                 else:
                     ok(f"{name_of(w)} as {pod} (shard {shard}): voltail check passed")
 
