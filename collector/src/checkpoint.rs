@@ -99,8 +99,8 @@ pub enum FileUpdate {
         key: FileKey,
         /// New identity.
         id: FileId,
-        /// Acknowledged offset under the new identity.
-        offset: u64,
+        /// Acknowledged offset under the new identity (`None`: unchanged).
+        offset: Option<u64>,
     },
     /// Stop tracking (fully read and gone).
     Release {
@@ -162,7 +162,9 @@ impl State {
             FileUpdate::Identity { key, id, offset } => {
                 if let Some(e) = self.entries.get_mut(key) {
                     e.id = *id;
-                    e.offset = *offset;
+                    if let Some(o) = offset {
+                        e.offset = *o;
+                    }
                 }
             }
             FileUpdate::Release { key } => {

@@ -6,11 +6,23 @@
 //! events -> [`tags`] names them from the path -> [`batch`] encodes and compresses ->
 //! [`sink`] delivers -> [`uploader`] turns acknowledgements into the [`checkpoint`].
 //! [`daemon`] wires the threads and queues; [`lock`] keeps one owner per `data_dir`;
-//! [`metrics`] is the events interface and the Prometheus endpoint; [`config`] describes it all.
+//! [`metrics`] is the events interface and the Prometheus endpoint; [`lag`] joins what is read
+//! with what is acknowledged; [`config`] describes it all; [`report`] prints the checkpoint;
+//! [`generate`] writes demo load.
 
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod daemon;
+pub mod discovery;
+pub mod framing;
+pub mod generate;
 pub mod identity;
+pub mod lag;
+pub mod lock;
+pub mod metrics;
+pub mod report;
 pub mod sink;
+pub mod tags;
 pub mod tail;
+pub mod uploader;

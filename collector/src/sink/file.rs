@@ -39,6 +39,7 @@ fn err(kind: SinkErrorKind, reason: &'static str, message: String) -> SinkError 
         kind,
         reason,
         message,
+        retry_after: None,
     }
 }
 

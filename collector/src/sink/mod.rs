@@ -12,7 +12,7 @@
 pub mod file;
 
 use crate::batch::{Batch, Encoder, NdjsonEncoder};
-use crate::config::SinkConfig;
+use crate::config::{Config, SinkConfig};
 
 /// Why a batch was not delivered.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +26,13 @@ pub struct SinkError {
     pub reason: &'static str,
     /// What went wrong, with the backend's own words where it gave any.
     pub message: String,
+    /// How long the backend asked us to wait (`Retry-After`), for transient errors.
+    pub retry_after: Option<std::time::Duration>,
 }
 
-/// Transient errors are retried with backoff; permanent ones go to the dead-letter file.
+/// Transient errors are retried by the uploader with exponential backoff and jitter (honouring
+/// `retry_after`); permanent ones are logged, counted and written to the dead-letter directory
+/// in `data_dir`, and the pipeline moves on. Sinks only classify; they never retry or sleep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkErrorKind {
     /// Timeouts, connection errors, 5xx, 429, a full disk.
@@ -50,9 +54,9 @@ pub trait Sink: Send {
     fn commit(&mut self) -> Result<Vec<u8>, SinkError>;
 }
 
-/// Builds the sink described by `cfg`.
-pub fn build(cfg: &SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
-    match cfg {
+/// Builds the sink of `cfg.sink`.
+pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
+    match cfg.sink() {
         SinkConfig::File(f) => Ok(Box::new(file::FileSink::open(f)?)),
     }
 }

@@ -122,7 +122,7 @@ pub struct ReadOp<'a> {
 }
 
 /// Executes a round's calls. Implementations: `pread` (plain syscalls) and `uring` (io_uring).
-pub trait ReadBackend: Send {
+pub trait ReadBackend: Send + std::fmt::Debug {
     /// Name reported in logs and `voltail_reader_backend{backend=...}`.
     fn name(&self) -> &'static str;
     /// Fills `fd_stat` (and `path_stat` where `path` is set) of every op.

@@ -1,7 +1,52 @@
-//! Tailing: polling tracked files, reading what they gained, following rotation.
+//! Tailing: the reader loop that polls tracked files, reads what they gained, follows
+//! rotation, truncation and deletion, and hands framed events to the batch builder.
+//!
+//! The [`Tailer`] owns every tracked file ([`Tracked`]: descriptor, identity, read offset,
+//! framer, poll schedule). Each poll round takes the files that are due and runs their calls
+//! through a [`backend::ReadBackend`] in two batched phases: `statx` of each descriptor and of
+//! each path, then reads of the files that grew. Decisions made on the results:
+//! - size below the read offset: the file was truncated (copytruncate): start again at 0;
+//! - the path names another inode, is gone, or the open file has no links: the file was
+//!   rotated away or deleted: keep reading it through the descriptor to its end, release it
+//!   after `rotate_wait` of quiet, and look at the path at once for its successor;
+//! - a file that grew is polled every `poll_interval`; an idle one backs off, doubling, up to
+//!   `max_poll_interval` (or `probe_poll_interval` while the eBPF probe watches local writers),
+//!   and returns to the fast rate on its first new byte or on a probe [`Hint`].
+//!
+//! At start, discovered files are matched to checkpoint entries by inode and fingerprint (the
+//! device is only a tie-breaker, see `identity`), and reading resumes at the acknowledged
+//! offset. Entries whose path now names another file are looked for in their directory under
+//! a rotated name and finished. Every change to the set of tracked files travels in the batch
+//! stream as a [`FileUpdate`], so the checkpoint follows delivery, never reading.
+//!
+//! This module does not talk to sinks and does not write the checkpoint.
 
 pub mod backend;
 pub mod pread;
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use encoding_rs::Encoding;
+
+use self::backend::{Errno, ReadBackend, ReadOp, Stat, StatOp};
+use crate::batch::{Batch, BatchBuilder, FileKey, FileMeta, Timestamp};
+use crate::checkpoint::{Entry, FileUpdate};
+use crate::config::{SourceConfig, StartAt};
+use crate::discovery::{Candidate, Discovery};
+use crate::framing::{Framed, Framer};
+use crate::identity::{FileId, Match, FINGERPRINT_BYTES};
+use crate::lag::LagBoard;
+use crate::metrics::Events;
+use crate::tags::PathTagger;
 
 /// A hint that a file may have changed, from outside the poll loop (the eBPF probe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,3 +59,874 @@ pub enum Hint {
         ino: u64,
     },
 }
+
+/// Files whose stats go to the backend in one call.
+const STAT_CHUNK: usize = 1024;
+/// Files read in one call (each with its own buffer).
+const READ_CHUNK: usize = 64;
+/// Size of each read buffer.
+const READ_BUF: usize = 256 * 1024;
+/// Shortest sleep between rounds, so that due files gather into batched rounds.
+const MIN_TICK: Duration = Duration::from_millis(20);
+
+/// A source with its compiled parts.
+#[derive(Debug)]
+pub struct SourceRt {
+    name: Arc<str>,
+    cfg: SourceConfig,
+    tagger: PathTagger,
+    multiline: Option<Arc<regex::bytes::Regex>>,
+    encoding: Option<&'static Encoding>,
+}
+
+impl SourceRt {
+    /// Compiles a validated source.
+    pub fn new(cfg: &SourceConfig) -> Result<SourceRt, regex::Error> {
+        let tagger = PathTagger::new(cfg.path_tags.as_ref().map(|s| s.get_ref().as_str()))?;
+        let multiline = match &cfg.multiline {
+            Some(m) => Some(Arc::new(regex::bytes::Regex::new(
+                m.start_pattern.get_ref(),
+            )?)),
+            None => None,
+        };
+        let encoding = cfg
+            .encoding
+            .as_ref()
+            .and_then(|e| Encoding::for_label(e.get_ref().as_bytes()))
+            .filter(|e| *e != encoding_rs::UTF_8);
+        Ok(SourceRt {
+            name: Arc::from(cfg.name.get_ref().as_str()),
+            cfg: cfg.clone(),
+            tagger,
+            multiline,
+            encoding,
+        })
+    }
+}
+
+/// One tracked file.
+#[derive(Debug)]
+struct Tracked {
+    key: FileKey,
+    source: usize,
+    path: PathBuf,
+    cpath: CString,
+    file: File,
+    dev: u64,
+    ino: u64,
+    id: FileId,
+    /// The first bytes, kept while the fingerprint is still growing.
+    prefix: Vec<u8>,
+    meta: Arc<FileMeta>,
+    read_off: u64,
+    acked_sent: u64,
+    size: u64,
+    framer: Framer,
+    /// Rotated away, deleted, or no longer named by a glob: finish and release.
+    orphan: bool,
+    interval: Duration,
+    next_due: Instant,
+    last_change: Instant,
+}
+
+/// How the tailer runs.
+#[derive(Debug, Clone)]
+pub struct TailerOptions {
+    /// No checkpoint existed: `start_at = "end"` applies to the files found now.
+    pub first_start: bool,
+    /// The eBPF probe is watching local writers: idle files may back off further.
+    pub probe_poll_interval: Option<Duration>,
+}
+
+/// The reader loop.
+pub struct Tailer {
+    sources: Vec<SourceRt>,
+    discovery: Discovery,
+    backend: Box<dyn ReadBackend>,
+    builder: BatchBuilder,
+    out: Sender<Batch>,
+    hints: Receiver<Hint>,
+    events: Events,
+    lag: Arc<LagBoard>,
+    opts: TailerOptions,
+    files: HashMap<FileKey, Tracked>,
+    by_path: HashMap<PathBuf, FileKey>,
+    by_ino: HashMap<(u64, u64), FileKey>,
+    /// Checkpoint entries not matched to a file yet, by inode.
+    restore: HashMap<u64, Vec<Entry>>,
+    next_key: FileKey,
+    bufs: Vec<Vec<u8>>,
+    discovered_once: bool,
+    next_discovery: Instant,
+    next_lag: Instant,
+    failed_opens: HashMap<PathBuf, Instant>,
+    scratch: String,
+}
+
+impl std::fmt::Debug for Tailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tailer")
+            .field("files", &self.files.len())
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+/// Everything the tailer is built from.
+#[derive(Debug)]
+pub struct TailerParts {
+    /// Compiled sources.
+    pub sources: Vec<SourceRt>,
+    /// Discovery over the sources' globs.
+    pub discovery: Discovery,
+    /// The read backend.
+    pub backend: Box<dyn ReadBackend>,
+    /// Batch builder using the sink's encoder.
+    pub builder: BatchBuilder,
+    /// Where closed batches go.
+    pub out: Sender<Batch>,
+    /// Probe hints.
+    pub hints: Receiver<Hint>,
+    /// Metrics.
+    pub events: Events,
+    /// Lag bookkeeping shared with the uploader.
+    pub lag: Arc<LagBoard>,
+    /// Checkpoint entries to resume from.
+    pub restore: Vec<Entry>,
+    /// Options.
+    pub opts: TailerOptions,
+}
+
+/// How a `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `stop` was set and everything framed was handed on.
+    Stopped,
+    /// The downstream queue went away or `give_up` was set while handing on.
+    Abandoned,
+}
+
+impl Tailer {
+    /// Builds a tailer.
+    pub fn new(p: TailerParts) -> Tailer {
+        let mut restore: HashMap<u64, Vec<Entry>> = HashMap::new();
+        for e in p.restore {
+            restore.entry(e.id.ino).or_default().push(e);
+        }
+        let now = Instant::now();
+        Tailer {
+            sources: p.sources,
+            discovery: p.discovery,
+            backend: p.backend,
+            builder: p.builder,
+            out: p.out,
+            hints: p.hints,
+            events: p.events,
+            lag: p.lag,
+            opts: p.opts,
+            files: HashMap::new(),
+            by_path: HashMap::new(),
+            by_ino: HashMap::new(),
+            restore,
+            next_key: 1,
+            bufs: Vec::new(),
+            discovered_once: false,
+            next_discovery: now,
+            next_lag: now,
+            failed_opens: HashMap::new(),
+            scratch: String::new(),
+        }
+    }
+
+    /// Runs until `stop` is set, then hands on the open batch. `give_up` aborts a blocked
+    /// hand-on (the shutdown deadline passed).
+    pub fn run(&mut self, stop: &AtomicBool, give_up: &AtomicBool) -> Exit {
+        self.events.reader_backend(self.backend.name());
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= self.next_discovery {
+                self.discover(now);
+            }
+            let more = self.round(now);
+            if self.builder.is_full() || self.builder.is_due(Instant::now()) {
+                if let Some(b) = self.builder.take() {
+                    if !self.send(b, give_up) {
+                        return Exit::Abandoned;
+                    }
+                }
+            }
+            if now >= self.next_lag {
+                self.publish_lag();
+                self.next_lag = now + Duration::from_secs(1);
+            }
+            if more {
+                self.drain_hints(now);
+                continue;
+            }
+            let wake = self.next_wake();
+            let sleep = wake.saturating_duration_since(Instant::now()).max(MIN_TICK);
+            match self.hints.recv_timeout(sleep) {
+                Ok(h) => {
+                    self.hint(h, Instant::now());
+                    self.drain_hints(Instant::now());
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                // No probe: nothing will ever send a hint; sleep instead.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => std::thread::sleep(sleep),
+            }
+        }
+        match self.builder.take() {
+            Some(b) => {
+                if self.send(b, give_up) {
+                    Exit::Stopped
+                } else {
+                    Exit::Abandoned
+                }
+            }
+            None => Exit::Stopped,
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.next_discovery.min(self.next_lag);
+        if let Some(d) = self.builder.due_at() {
+            wake = wake.min(d);
+        }
+        for f in self.files.values() {
+            wake = wake.min(f.next_due);
+            if f.framer.pending() > 0 {
+                let s = &self.sources[f.source].cfg;
+                wake = wake.min(f.last_change + s.flush_partial_after.0);
+            }
+        }
+        wake
+    }
+
+    fn send(&mut self, b: Batch, give_up: &AtomicBool) -> bool {
+        let mut b = b;
+        loop {
+            match self.out.send_timeout(b, Duration::from_millis(100)) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    // Downstream is full: the reader pauses here, the files are the buffer.
+                    if give_up.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    b = back;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return false,
+            }
+        }
+    }
+
+    fn drain_hints(&mut self, now: Instant) {
+        while let Ok(h) = self.hints.try_recv() {
+            self.hint(h, now);
+        }
+    }
+
+    fn hint(&mut self, h: Hint, now: Instant) {
+        match h {
+            Hint::Write { dev, ino } => match self.by_ino.get(&(dev, ino)) {
+                Some(k) => {
+                    if let Some(f) = self.files.get_mut(k) {
+                        if f.next_due > now {
+                            f.next_due = now;
+                            self.events.probe_wakeup();
+                        }
+                    }
+                }
+                None => {
+                    // A write to a file we don't track yet under a watched mount: look soon.
+                    let soon = now + Duration::from_millis(200);
+                    if self.next_discovery > soon {
+                        self.next_discovery = soon;
+                    }
+                }
+            },
+        }
+    }
+
+    fn publish_lag(&mut self) {
+        self.lag
+            .sizes(self.files.values().map(|f| (f.key, f.source, f.size)));
+        for (i, bytes) in self
+            .lag
+            .per_source(self.sources.len())
+            .into_iter()
+            .enumerate()
+        {
+            self.events.lag(&self.sources[i].name, bytes);
+        }
+        self.events.files_watched(self.files.len());
+    }
+
+    /// The number of tracked files.
+    pub fn tracked(&self) -> usize {
+        self.files.len()
+    }
+
+    // ---- discovery and tracking ----
+
+    fn discover(&mut self, now: Instant) {
+        let candidates = self.discovery.scan(&self.events);
+        let initial = !self.discovered_once;
+        for c in candidates {
+            self.consider(c, now, initial);
+        }
+        if initial {
+            self.discovered_once = true;
+            self.finish_restore(now);
+        }
+        let every = self
+            .sources
+            .iter()
+            .map(|s| s.cfg.discover_interval.0)
+            .min()
+            .unwrap_or(Duration::from_secs(5));
+        self.next_discovery = now + every;
+        self.failed_opens
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+    }
+
+    fn consider(&mut self, c: Candidate, now: Instant, initial: bool) {
+        if let Some(k) = self.by_path.get(&c.path) {
+            if self.files.get(k).is_some_and(|f| !f.orphan) {
+                return;
+            }
+        }
+        if self.failed_opens.contains_key(&c.path) {
+            return;
+        }
+        let file = match self.discovery.open(&c) {
+            Ok(f) => f,
+            Err(e) => {
+                if !matches!(&e, crate::discovery::DiscoveryError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+                {
+                    tracing::warn!(path = %c.path.display(), error = %e, "cannot open file; will retry");
+                    self.failed_opens.insert(c.path.clone(), now);
+                }
+                return;
+            }
+        };
+        let st = match backend::statx_fd(file.as_raw_fd()) {
+            Ok(st) => st,
+            Err(_) => return,
+        };
+        if let Some(&k) = self.by_ino.get(&(st.dev, st.ino)) {
+            // A file we track, now also (or only) under this path: renamed within the globs.
+            self.rename(k, &c.path);
+            return;
+        }
+        self.track(c.source, c.path, file, st, now, initial, false);
+    }
+
+    fn rename(&mut self, k: FileKey, path: &Path) {
+        let Some(f) = self.files.get_mut(&k) else {
+            return;
+        };
+        if f.path == path {
+            return;
+        }
+        // Keep the first name while it still names this file.
+        if !f.orphan {
+            if let Ok(p) = backend::statx_path(&f.cpath) {
+                if p.ino == f.ino && p.dev == f.dev {
+                    return;
+                }
+            }
+        }
+        tracing::info!(from = %f.path.display(), to = %path.display(), "file renamed");
+        self.by_path.remove(&f.path);
+        f.path = path.to_path_buf();
+        f.cpath = cstring(path);
+        f.orphan = false;
+        f.meta = meta_for(&self.sources[f.source], k, path, f.id.fp, &self.events);
+        self.by_path.insert(path.to_path_buf(), k);
+        self.builder.update(FileUpdate::Rename {
+            key: k,
+            path: path.to_string_lossy().into_owned(),
+        });
+    }
+
+    /// Starts tracking `file`. The start offset comes from a matching checkpoint entry, else
+    /// from `start_at` (first start only), else 0.
+    #[allow(clippy::too_many_arguments)] // the facts a new file arrives with
+    fn track(
+        &mut self,
+        source: usize,
+        path: PathBuf,
+        file: File,
+        st: Stat,
+        now: Instant,
+        initial: bool,
+        orphan: bool,
+    ) {
+        let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+        let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
+        prefix.truncate(n);
+        let resumed = self.take_restore(st.dev, st.ino, &prefix);
+        let offset = match &resumed {
+            Some(e) if e.offset <= st.size => e.offset,
+            Some(e) => {
+                tracing::warn!(path = %path.display(), checkpoint = e.offset, size = st.size,
+                    "file is shorter than its checkpoint (truncated while voltail was down); reading from 0");
+                0
+            }
+            None if initial
+                && self.opts.first_start
+                && self.sources[source].cfg.start_at == StartAt::End =>
+            {
+                st.size
+            }
+            None => 0,
+        };
+        let key = self.next_key;
+        self.next_key += 1;
+        let id = FileId::new(st.dev, st.ino, &prefix);
+        let src = &self.sources[source];
+        let meta = meta_for(src, key, &path, id.fp, &self.events);
+        tracing::info!(path = %path.display(), source = %src.name, offset, id = %id,
+            resumed = resumed.is_some(), "tracking file");
+        self.builder.update(FileUpdate::Track {
+            key,
+            id,
+            path: path.to_string_lossy().into_owned(),
+            source: src.name.to_string(),
+            offset,
+        });
+        let base = src.cfg.poll_interval.0;
+        let t = Tracked {
+            key,
+            source,
+            cpath: cstring(&path),
+            path: path.clone(),
+            file,
+            dev: st.dev,
+            ino: st.ino,
+            id,
+            prefix: if id.fingerprint_incomplete() {
+                prefix
+            } else {
+                Vec::new()
+            },
+            meta,
+            read_off: offset,
+            acked_sent: offset,
+            size: st.size,
+            framer: Framer::new(offset, src.cfg.max_line_bytes, src.multiline.clone()),
+            orphan,
+            interval: base,
+            next_due: now,
+            last_change: now,
+        };
+        if !orphan {
+            self.by_path.insert(path, key);
+        }
+        self.by_ino.insert((st.dev, st.ino), key);
+        self.files.insert(key, t);
+        self.events.file_opened();
+    }
+
+    fn take_restore(&mut self, dev: u64, ino: u64, prefix: &[u8]) -> Option<Entry> {
+        let list = self.restore.get_mut(&ino)?;
+        let best = list
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.matches(dev, ino, prefix), i))
+            .filter(|(m, _)| *m != Match::No)
+            .max()?;
+        let e = list.swap_remove(best.1);
+        if list.is_empty() {
+            self.restore.remove(&ino);
+        }
+        Some(e)
+    }
+
+    /// After the first discovery: checkpoint entries whose file was not found under a glob
+    /// may have been rotated while voltail was down; look for them next to their old path.
+    fn finish_restore(&mut self, now: Instant) {
+        let left: Vec<Entry> = self.restore.drain().flat_map(|(_, v)| v).collect();
+        for e in left {
+            let path = PathBuf::from(&e.path);
+            let found = path
+                .parent()
+                .and_then(|dir| std::fs::read_dir(dir).ok())
+                .and_then(|rd| {
+                    rd.flatten().find(|d| {
+                        d.file_type().is_ok_and(|t| t.is_file())
+                            && std::os::unix::fs::DirEntryExt::ino(d) == e.id.ino
+                    })
+                });
+            let Some(d) = found else {
+                tracing::info!(path = %e.path, offset = e.offset, "checkpointed file is gone");
+                continue;
+            };
+            let Some(source) = self.sources.iter().position(|s| *s.name == *e.source) else {
+                continue;
+            };
+            let c = Candidate {
+                path: d.path(),
+                open_path: d.path(),
+                source,
+            };
+            let Ok(file) = self.discovery.open(&c) else {
+                continue;
+            };
+            let Ok(st) = backend::statx_fd(file.as_raw_fd()) else {
+                continue;
+            };
+            if self.by_ino.contains_key(&(st.dev, st.ino)) {
+                continue;
+            }
+            let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+            let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
+            if e.id.matches(st.dev, st.ino, &prefix[..n]) == Match::No {
+                tracing::info!(path = %e.path, "checkpointed file is gone (its inode now holds another file)");
+                continue;
+            }
+            tracing::info!(old = %e.path, now_at = %c.path.display(), "finishing a file rotated while voltail was down");
+            self.restore.entry(e.id.ino).or_default().push(e);
+            self.track(source, c.path, file, st, now, false, true);
+        }
+        self.restore.clear();
+    }
+
+    // ---- poll rounds ----
+
+    /// One round over the due files. Returns whether some file has more to read right away.
+    fn round(&mut self, now: Instant) -> bool {
+        let due: Vec<FileKey> = self
+            .files
+            .values()
+            .filter(|f| f.next_due <= now)
+            .map(|f| f.key)
+            .collect();
+        if due.is_empty() {
+            return false;
+        }
+        let started = Instant::now();
+        let ts = Timestamp::now();
+        let mut more = false;
+        let mut to_read = Vec::new();
+        let mut vacated = Vec::new();
+        for chunk in due.chunks(STAT_CHUNK) {
+            let results: Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> = {
+                let mut ops: Vec<StatOp<'_>> = chunk
+                    .iter()
+                    .map(|k| {
+                        let f = &self.files[k];
+                        StatOp::new(
+                            f.file.as_raw_fd(),
+                            (!f.orphan).then_some(f.cpath.as_c_str()),
+                        )
+                    })
+                    .collect();
+                self.backend.stat_batch(&mut ops);
+                ops.into_iter().map(|o| (o.fd_stat, o.path_stat)).collect()
+            };
+            for (k, (fs, ps)) in chunk.iter().zip(results) {
+                if self.after_stat(*k, fs, ps, now, &mut vacated) {
+                    to_read.push(*k);
+                }
+            }
+        }
+        for chunk in to_read.chunks(READ_CHUNK) {
+            more |= self.read_chunk(chunk, now, &ts);
+        }
+        for k in due {
+            self.after_read(k, now, &ts);
+        }
+        for path in vacated {
+            // The path's old file is finishing; its successor may already be there.
+            if let Some(c) = self.discovery.check(&path, &self.events) {
+                self.consider(c, now, false);
+            }
+        }
+        self.events.poll_round(started.elapsed());
+        more
+    }
+
+    /// Interprets a file's stats. Returns whether it should be read now.
+    fn after_stat(
+        &mut self,
+        k: FileKey,
+        fs: Result<Stat, Errno>,
+        ps: Result<Stat, Errno>,
+        now: Instant,
+        vacated: &mut Vec<PathBuf>,
+    ) -> bool {
+        let Some(f) = self.files.get_mut(&k) else {
+            return false;
+        };
+        let st = match fs {
+            Ok(st) => st,
+            Err(e) if e.0 == libc::ESTALE => {
+                // NFS: the file is gone from the server; nothing more can be read from it.
+                tracing::warn!(path = %f.path.display(), "stale file handle; releasing the file");
+                f.orphan = true;
+                f.size = f.read_off;
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %f.path.display(), error = %e, "cannot stat file; will retry");
+                self.events.read_error();
+                return false;
+            }
+        };
+        if st.size < f.read_off {
+            tracing::info!(path = %f.path.display(), offset = f.read_off, size = st.size, "file truncated; reading from 0");
+            self.events.truncation();
+            f.read_off = 0;
+            f.framer.reset(0);
+            f.prefix.clear();
+            f.id = FileId::new(f.dev, f.ino, &[]);
+            f.acked_sent = 0;
+            f.last_change = now;
+            self.builder.update(FileUpdate::Identity {
+                key: k,
+                id: f.id,
+                offset: Some(0),
+            });
+        }
+        f.size = st.size;
+        if !f.orphan {
+            let replaced = match ps {
+                Ok(p) => p.ino != st.ino || p.dev != st.dev || st.nlink == 0,
+                Err(e) => e.0 == libc::ENOENT || e.0 == libc::ENOTDIR,
+            };
+            if replaced {
+                tracing::info!(path = %f.path.display(), "file rotated away or deleted; finishing it");
+                self.events.rotation();
+                f.orphan = true;
+                self.by_path.remove(&f.path);
+                vacated.push(f.path.clone());
+            }
+        }
+        st.size > f.read_off
+    }
+
+    /// Reads a chunk of files that grew. Returns whether any filled its buffer.
+    fn read_chunk(&mut self, keys: &[FileKey], now: Instant, ts: &Timestamp) -> bool {
+        while self.bufs.len() < keys.len() {
+            self.bufs.push(vec![0u8; READ_BUF]);
+        }
+        let mut bufs = std::mem::take(&mut self.bufs);
+        let results: Vec<Result<usize, Errno>> = {
+            let mut ops: Vec<ReadOp<'_>> = keys
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(k, buf)| {
+                    let f = &self.files[k];
+                    let want = (f.size - f.read_off).min(buf.len() as u64) as usize;
+                    ReadOp {
+                        fd: f.file.as_raw_fd(),
+                        offset: f.read_off,
+                        buf: &mut buf[..want],
+                        result: Err(Errno::PENDING),
+                    }
+                })
+                .collect();
+            self.backend.read_batch(&mut ops);
+            ops.into_iter().map(|o| o.result).collect()
+        };
+        let mut more = false;
+        let mut bytes = 0u64;
+        let mut lines = 0u64;
+        for ((k, res), buf) in keys.iter().zip(results).zip(bufs.iter()) {
+            match res {
+                Ok(0) => {}
+                Ok(n) => {
+                    bytes += n as u64;
+                    lines += self.consume(*k, &buf[..n], ts);
+                    if let Some(f) = self.files.get_mut(k) {
+                        f.last_change = now;
+                        if f.read_off < f.size {
+                            f.next_due = now;
+                            more = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if let Some(f) = self.files.get(k) {
+                        tracing::warn!(path = %f.path.display(), error = %e, "read failed; will retry");
+                    }
+                    self.events.read_error();
+                }
+            }
+            if self.builder.is_full() {
+                if let Some(b) = self.builder.take() {
+                    // Blocks while downstream is full: the files are the buffer.
+                    let never = AtomicBool::new(false);
+                    if !self.send(b, &never) {
+                        tracing::error!("batch queue closed while reading");
+                    }
+                }
+            }
+        }
+        self.bufs = bufs;
+        self.events.read(bytes, lines);
+        more
+    }
+
+    /// Frames `data` (read at the file's read offset) into events. Returns the lines framed.
+    fn consume(&mut self, k: FileKey, data: &[u8], ts: &Timestamp) -> u64 {
+        let Some(f) = self.files.get_mut(&k) else {
+            return 0;
+        };
+        let src = &self.sources[f.source];
+        // Grow the fingerprint while the file is still short of FINGERPRINT_BYTES.
+        if f.id.fingerprint_incomplete() && (f.read_off as usize) < FINGERPRINT_BYTES {
+            let have = f.read_off as usize;
+            if f.prefix.len() == have {
+                let take = (FINGERPRINT_BYTES - have).min(data.len());
+                f.prefix.extend_from_slice(&data[..take]);
+                let id = FileId::new(f.dev, f.ino, &f.prefix);
+                if id != f.id {
+                    f.id = id;
+                    f.meta = meta_for(src, k, &f.path, id.fp, &self.events);
+                    self.builder.update(FileUpdate::Identity {
+                        key: k,
+                        id,
+                        offset: None,
+                    });
+                }
+                if !id.fingerprint_incomplete() {
+                    f.prefix = Vec::new();
+                }
+            }
+        }
+        let mut lines = 0u64;
+        let mut splits = 0u64;
+        let mut invalid = 0u64;
+        let builder = &mut self.builder;
+        let meta = &f.meta;
+        let scratch = &mut self.scratch;
+        let enc = src.encoding;
+        f.framer.feed(data, &mut |ev: Framed<'_>| {
+            lines += 1;
+            splits += u64::from(ev.split);
+            let (msg, bad) = to_utf8(ev.bytes, enc, scratch);
+            invalid += u64::from(bad);
+            builder.push(meta, msg, ev.start, ts);
+        });
+        f.read_off += data.len() as u64;
+        let framed = f.framer.framed_offset();
+        if framed != f.acked_sent {
+            f.acked_sent = framed;
+            self.builder.ack(k, framed);
+        }
+        if splits > 0 {
+            self.events.line_split(splits);
+        }
+        if invalid > 0 {
+            self.events.invalid_utf8(invalid);
+        }
+        lines
+    }
+
+    /// Schedules the file's next poll; flushes a quiet partial line; releases finished orphans.
+    fn after_read(&mut self, k: FileKey, now: Instant, ts: &Timestamp) {
+        let Some(f) = self.files.get_mut(&k) else {
+            return;
+        };
+        let s = &self.sources[f.source].cfg;
+        if f.next_due <= now {
+            let grew = f.last_change == now;
+            let cap = match self.opts.probe_poll_interval {
+                Some(p) => p.max(s.max_poll_interval.0),
+                None => s.max_poll_interval.0,
+            };
+            f.interval = if grew {
+                s.poll_interval.0
+            } else {
+                (f.interval * 2).min(cap)
+            };
+            f.next_due = now + f.interval;
+        }
+        let quiet = now.duration_since(f.last_change);
+        let finished = f.orphan && f.read_off >= f.size && quiet >= s.rotate_wait.0;
+        if f.framer.pending() > 0 && (quiet >= s.flush_partial_after.0 || finished) {
+            let mut lines = 0u64;
+            let builder = &mut self.builder;
+            let meta = &f.meta;
+            let scratch = &mut self.scratch;
+            let enc = self.sources[f.source].encoding;
+            f.framer.flush(&mut |ev: Framed<'_>| {
+                lines += 1;
+                let (msg, _) = to_utf8(ev.bytes, enc, scratch);
+                builder.push(meta, msg, ev.start, ts);
+            });
+            let framed = f.framer.framed_offset();
+            if framed != f.acked_sent {
+                f.acked_sent = framed;
+                self.builder.ack(k, framed);
+            }
+            self.events.read(0, lines);
+        }
+        if finished {
+            let f = self.files.remove(&k).expect("present above");
+            tracing::info!(path = %f.path.display(), offset = f.read_off, "released finished file");
+            self.by_ino.remove(&(f.dev, f.ino));
+            if self.by_path.get(&f.path) == Some(&k) {
+                self.by_path.remove(&f.path);
+            }
+            self.builder.update(FileUpdate::Release { key: k });
+            self.lag.remove(k);
+            self.events.file_released();
+        }
+    }
+}
+
+fn cstring(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes())
+        .unwrap_or_else(|_| c"/nonexistent/path-with-nul".to_owned())
+}
+
+fn meta_for(src: &SourceRt, key: FileKey, path: &Path, fp: u64, events: &Events) -> Arc<FileMeta> {
+    let p = path.to_string_lossy();
+    let tags = src.tagger.tags(&p).unwrap_or_else(|| {
+        tracing::debug!(path = %p, "path does not match path_tags; shipping untagged");
+        events.untagged_file();
+        Vec::new()
+    });
+    Arc::new(FileMeta::new(
+        key,
+        Arc::clone(&src.name),
+        p.into_owned(),
+        tags,
+        fp,
+    ))
+}
+
+/// The event as UTF-8: decoded from the source encoding, or checked (invalid sequences become
+/// U+FFFD). Returns whether anything was invalid.
+fn to_utf8<'a>(
+    bytes: &'a [u8],
+    enc: Option<&'static Encoding>,
+    scratch: &'a mut String,
+) -> (&'a [u8], bool) {
+    match enc {
+        None => match std::str::from_utf8(bytes) {
+            Ok(_) => (bytes, false),
+            Err(_) => {
+                scratch.clear();
+                scratch.push_str(&String::from_utf8_lossy(bytes));
+                (scratch.as_bytes(), true)
+            }
+        },
+        Some(enc) => {
+            let (s, bad) = enc.decode_without_bom_handling(bytes);
+            match s {
+                std::borrow::Cow::Borrowed(s) => (s.as_bytes(), bad),
+                std::borrow::Cow::Owned(s) => {
+                    *scratch = s;
+                    (scratch.as_bytes(), bad)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

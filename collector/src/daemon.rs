@@ -1,0 +1,264 @@
+//! The daemon: wires the stages into threads and queues, and runs them until told to stop.
+//!
+//! ```text
+//!  reader (this thread)          compressor thread          uploader thread
+//!  discover/poll/read/frame  ->  zstd, one frame/batch  ->  sink.send, acks -> checkpoint
+//!        bounded queue (crossbeam)        bounded queue
+//! ```
+//! Start-up: metrics endpoint, then the `data_dir` lock (waiting while another instance holds
+//! it), the checkpoint, the sink's recovery to the checkpointed cursor, the read backend. On
+//! SIGTERM/SIGINT the reader stops reading and hands on its open batch; the queues drain; the
+//! uploader delivers what is in flight and writes a last checkpoint. If that takes longer than
+//! `shutdown_timeout`, the undelivered remainder is left unacknowledged (it is read again on
+//! the next start) and the process exits anyway.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError};
+
+use crate::batch::{Batch, BatchBuilder, BatchLimits, Compressor};
+use crate::checkpoint::{LoadOutcome, State, Store};
+use crate::config::Config;
+use crate::discovery::Discovery;
+use crate::lag::LagBoard;
+use crate::metrics::{Events, Health, Status};
+use crate::tail::{Exit, SourceRt, Tailer, TailerOptions, TailerParts};
+use crate::uploader::{UploadExit, Uploader};
+
+/// Start-up failures (the only errors that stop the process).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// `data_dir` could not be created.
+    #[error("cannot create data_dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The lock failed (not: is held).
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    /// The checkpoint could not be opened or created.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The sink could not be built or recovered.
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    /// A source did not compile.
+    #[error("source: {0}")]
+    Source(String),
+    /// Discovery could not be built.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    /// A thread could not be started.
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Process-wide handles the daemon reports through.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Metrics.
+    pub events: Events,
+    /// Status for `/health` and `/ready`.
+    pub health: Arc<Health>,
+    /// Set by SIGTERM/SIGINT.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Raises the soft open-file limit to the hard one: one descriptor per tracked file.
+pub fn raise_fd_limit() {
+    // SAFETY: rlimit is plain old data, and getrlimit/setrlimit only read/write it.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Runs the collector until `ctx.stop` is set and the drain is over.
+pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
+    raise_fd_limit();
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| DaemonError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let health = Arc::clone(&ctx.health);
+    let lock = crate::lock::acquire(&cfg.data_dir, &ctx.stop, |holder| {
+        tracing::warn!(holder, data_dir = %cfg.data_dir.display(), "another instance holds the data_dir lock; waiting");
+        health.set(Status::WaitingForLock {
+            holder: holder.to_string(),
+        });
+    })?;
+    let Some(_lock) = lock else {
+        tracing::info!("stopped while waiting for the lock");
+        return Ok(());
+    };
+    ctx.health.set(Status::Starting);
+    let events = ctx.events.clone();
+
+    let (store, loaded) = Store::open(&cfg.data_dir)?;
+    let outcome = match &loaded.outcome {
+        LoadOutcome::Fresh => {
+            tracing::info!(path = %store.path().display(), "no checkpoint: first start");
+            "fresh"
+        }
+        LoadOutcome::Clean { generation } => {
+            tracing::info!(path = %store.path().display(), generation, files = loaded.entries.len(), "checkpoint loaded");
+            "clean"
+        }
+        LoadOutcome::Recovered { problem, from } => {
+            tracing::warn!(path = %store.path().display(), problem, from, files = loaded.entries.len(),
+                "checkpoint was damaged; recovered (the damaged file is kept as checkpoint.bin.corrupt-*)");
+            "recovered"
+        }
+        LoadOutcome::Lost { problem } => {
+            tracing::error!(path = %store.path().display(), problem,
+                "checkpoint unreadable and no backup: every file is read again from the beginning (duplicates, no loss)");
+            "lost"
+        }
+    };
+    events.checkpoint_loaded(outcome);
+
+    let mut sink = crate::sink::build(cfg)?;
+    sink.recover(loaded.cursor.as_deref())?;
+    let mut state = State::default();
+    state.cursor = loaded.cursor.clone().unwrap_or_default();
+
+    let sources = cfg
+        .sources
+        .iter()
+        .map(SourceRt::new)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DaemonError::Source(e.to_string()))?;
+    let discovery = Discovery::new(&cfg.sources, cfg.shard())?;
+    let backend: Box<dyn crate::tail::backend::ReadBackend> =
+        Box::new(crate::tail::pread::PreadBackend);
+    tracing::info!(backend = backend.name(), "read backend");
+
+    let q = cfg.batch.queue_batches;
+    let (raw_tx, raw_rx) = bounded::<Batch>(q);
+    let (ready_tx, ready_rx) = bounded::<Batch>(q);
+    let (_hint_tx, hint_rx) = bounded(4096);
+    let give_up = Arc::new(AtomicBool::new(false));
+    let lag = Arc::new(LagBoard::default());
+
+    let (kind, level) = cfg.sink().compression();
+    let gu = Arc::clone(&give_up);
+    let compressor = std::thread::Builder::new()
+        .name("voltail-compress".into())
+        .spawn(move || {
+            let mut c = Compressor::new(kind, level);
+            while let Ok(mut b) = raw_rx.recv() {
+                if let Err(e) = c.compress(&mut b) {
+                    tracing::error!(error = %e, "compression failed; the sink gets the batch uncompressed");
+                }
+                let mut b = b;
+                loop {
+                    match ready_tx.send_timeout(b, Duration::from_millis(100)) {
+                        Ok(()) => break,
+                        Err(SendTimeoutError::Timeout(back)) if !gu.load(Ordering::Relaxed) => b = back,
+                        Err(_) => return,
+                    }
+                }
+            }
+        })
+        .map_err(DaemonError::Thread)?;
+
+    let uploader = Uploader::new(
+        sink,
+        store,
+        state,
+        ready_rx,
+        events.clone(),
+        Arc::clone(&lag),
+        cfg.checkpoint_interval.0,
+        cfg.data_dir.clone(),
+        Arc::clone(&give_up),
+    );
+    let (done_tx, done_rx) = bounded::<UploadExit>(1);
+    let uploader = std::thread::Builder::new()
+        .name("voltail-upload".into())
+        .spawn(move || {
+            let exit = uploader.run();
+            let _ = done_tx.send(exit);
+        })
+        .map_err(DaemonError::Thread)?;
+
+    let limits = BatchLimits {
+        max_bytes: cfg.batch.max_bytes,
+        max_events: cfg.batch.max_events,
+        linger: cfg.batch.linger.0,
+    };
+    let mut tailer = Tailer::new(TailerParts {
+        sources,
+        discovery,
+        backend,
+        builder: BatchBuilder::new(limits, crate::sink::encoder(cfg.sink())),
+        out: raw_tx,
+        hints: hint_rx,
+        events: events.clone(),
+        lag,
+        restore: loaded.entries,
+        opts: TailerOptions {
+            first_start: loaded.outcome == LoadOutcome::Fresh,
+            probe_poll_interval: None,
+        },
+    });
+    ctx.health.set(Status::Running);
+    tracing::info!(sources = cfg.sources.len(), "collecting");
+
+    // The deadline starts when the stop signal arrives; a watcher enforces it even while the
+    // reader is blocked handing on a batch.
+    let stop = Arc::clone(&ctx.stop);
+    let gu = Arc::clone(&give_up);
+    let timeout = cfg.shutdown_timeout.0;
+    std::thread::Builder::new()
+        .name("voltail-deadline".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(timeout);
+            gu.store(true, Ordering::Relaxed);
+        })
+        .map_err(DaemonError::Thread)?;
+
+    let exit = tailer.run(&ctx.stop, &give_up);
+    ctx.health.set(Status::Stopping);
+    let files = tailer.tracked();
+    drop(tailer); // closes the reader's queue: the compressor and the uploader drain
+    tracing::info!(files, reader = ?exit, "reading stopped; delivering what is in flight");
+    let started = Instant::now();
+    let upload = loop {
+        match done_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) => break e,
+            Err(RecvTimeoutError::Timeout) => {
+                if give_up.load(Ordering::Relaxed) && started.elapsed() > Duration::from_secs(60) {
+                    tracing::error!(
+                        "uploader did not finish after the deadline; exiting without it"
+                    );
+                    return Ok(());
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break UploadExit::Abandoned,
+        }
+    };
+    let _ = compressor.join();
+    let _ = uploader.join();
+    match (exit, upload) {
+        (Exit::Stopped, UploadExit::Drained) => {
+            tracing::info!("stopped cleanly: everything read was delivered")
+        }
+        _ => tracing::warn!(
+            "stopped at the deadline: undelivered data will be read again on the next start"
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,753 @@
+//! Discovery: which files the globs name now, and opening them safely.
+//!
+//! Each include glob is split into path components and walked from its literal base. Literal
+//! components are looked up directly (`lstat`), never listed, so `/logs/*/access.log` costs
+//! one directory listing plus one `lstat` per pod directory; on NFS each call is a round trip.
+//! Listings are cached by directory mtime and reused until the directory changes, with a full
+//! re-list every `FULL_RESCAN_EVERY` passes for filesystems that do not update directory
+//! mtimes. `**` crosses any number of directories.
+//!
+//! Security: the collector runs privileged and each pod controls its own directory. A symlink
+//! met anywhere in the walk is resolved and followed only if its target lies inside the include
+//! roots (the canonical literal bases); otherwise it is refused, warned about once and counted.
+//! [`Discovery::open`] opens with `O_NOFOLLOW` and then checks, through `/proc/self/fd`, where
+//! the descriptor really points, so a swap to a symlink between the walk and the open is caught.
+//!
+//! With `shard = "i/n"`, only files whose directory hashes to `i` are returned.
+//!
+//! This module does not decide what a file *is* (identity) or how far it was read.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::Instant;
+
+use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+
+use crate::config::{Shard, SourceConfig};
+use crate::metrics::Events;
+
+const FULL_RESCAN_EVERY: u64 = 12;
+const MAX_DEPTH: usize = 48;
+
+/// Errors building discovery or opening a file.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// A glob did not compile (config validation prevents this).
+    #[error("source {source_name}: bad glob {glob:?}: {message}")]
+    Glob {
+        /// Source name.
+        source_name: String,
+        /// The glob.
+        glob: String,
+        /// Why.
+        message: String,
+    },
+    /// The file could not be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The descriptor points outside the include roots, or at something that is not a file.
+    #[error("refusing {path}: {why}")]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// A file a glob names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    /// The path as the glob names it (what tags and events show).
+    pub path: PathBuf,
+    /// Where to open it: `path`, or a symlink's target inside the roots.
+    pub open_path: PathBuf,
+    /// Index of the source.
+    pub source: usize,
+}
+
+#[derive(Debug)]
+enum Comp {
+    Literal(OsString),
+    Glob(GlobMatcher),
+    AnyDepth,
+}
+
+#[derive(Debug)]
+struct Pattern {
+    base: PathBuf,
+    comps: Vec<Comp>,
+}
+
+#[derive(Debug)]
+struct SourcePatterns {
+    include: Vec<Pattern>,
+    exclude: GlobSet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// Finds files by glob.
+#[derive(Debug)]
+pub struct Discovery {
+    sources: Vec<SourcePatterns>,
+    bases: Vec<PathBuf>,
+    roots: Vec<PathBuf>,
+    shard: Option<Shard>,
+    refused: HashSet<PathBuf>,
+    listings: HashMap<PathBuf, (i64, Vec<(OsString, Kind)>)>,
+    passes: u64,
+}
+
+fn has_meta(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
+}
+
+fn compile(source_name: &str, glob: &str) -> Result<Pattern, DiscoveryError> {
+    let bad = |message: String| DiscoveryError::Glob {
+        source_name: source_name.into(),
+        glob: glob.into(),
+        message,
+    };
+    let mut base = PathBuf::from("/");
+    let mut comps = Vec::new();
+    for c in Path::new(glob).components() {
+        let Component::Normal(c) = c else { continue };
+        let s = c.to_string_lossy();
+        if comps.is_empty() && !has_meta(&s) {
+            base.push(c);
+        } else if s == "**" {
+            comps.push(Comp::AnyDepth);
+        } else if has_meta(&s) {
+            let m = GlobBuilder::new(&s)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+            comps.push(Comp::Glob(m.compile_matcher()));
+        } else {
+            comps.push(Comp::Literal(c.to_os_string()));
+        }
+    }
+    if comps.is_empty() {
+        // A glob without meta characters names one file: its parent is the base.
+        let name = base
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| bad("names no file".into()))?;
+        base.pop();
+        comps.push(Comp::Literal(name));
+    }
+    Ok(Pattern { base, comps })
+}
+
+impl Discovery {
+    /// Compiles the sources' globs.
+    pub fn new(
+        sources: &[SourceConfig],
+        shard: Option<Shard>,
+    ) -> Result<Discovery, DiscoveryError> {
+        let mut out = Vec::new();
+        let mut bases = Vec::new();
+        for s in sources {
+            let name = s.name.get_ref();
+            let include = s
+                .include
+                .iter()
+                .map(|g| compile(name, g.get_ref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            bases.extend(include.iter().map(|p| p.base.clone()));
+            let mut ex = GlobSetBuilder::new();
+            for g in &s.exclude {
+                let glob = GlobBuilder::new(g.get_ref())
+                    .literal_separator(false)
+                    .build()
+                    .map_err(|e| DiscoveryError::Glob {
+                        source_name: name.clone(),
+                        glob: g.get_ref().clone(),
+                        message: e.to_string(),
+                    })?;
+                ex.add(glob);
+            }
+            let exclude = ex.build().map_err(|e| DiscoveryError::Glob {
+                source_name: name.clone(),
+                glob: "exclude".into(),
+                message: e.to_string(),
+            })?;
+            out.push(SourcePatterns { include, exclude });
+        }
+        bases.sort();
+        bases.dedup();
+        let mut d = Discovery {
+            sources: out,
+            bases,
+            roots: Vec::new(),
+            shard,
+            refused: HashSet::new(),
+            listings: HashMap::new(),
+            passes: 0,
+        };
+        d.refresh_roots();
+        Ok(d)
+    }
+
+    /// The canonical include roots (bases that exist now).
+    pub fn roots(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    fn refresh_roots(&mut self) {
+        let mut roots: Vec<PathBuf> = self
+            .bases
+            .iter()
+            .filter_map(|b| std::fs::canonicalize(b).ok())
+            .collect();
+        roots.sort();
+        roots.dedup();
+        self.roots = roots;
+    }
+
+    fn inside_roots(&self, p: &Path) -> bool {
+        self.roots.iter().any(|r| p.starts_with(r))
+    }
+
+    /// Every file the globs name now, at most once each (the first source wins).
+    pub fn scan(&mut self, events: &Events) -> Vec<Candidate> {
+        let t = Instant::now();
+        self.refresh_roots();
+        self.passes += 1;
+        let full = self.passes % FULL_RESCAN_EVERY == 0;
+        let mut found: Vec<Candidate> = Vec::new();
+        let mut seen: HashSet<PathBuf> = HashSet::new();
+        let mut live_dirs: HashSet<PathBuf> = HashSet::new();
+        for si in 0..self.sources.len() {
+            for pi in 0..self.sources[si].include.len() {
+                let base = self.sources[si].include[pi].base.clone();
+                let mut visited = HashSet::new();
+                self.walk(
+                    si,
+                    pi,
+                    &base,
+                    0,
+                    0,
+                    full,
+                    events,
+                    &mut visited,
+                    &mut live_dirs,
+                    &mut |c| {
+                        if seen.insert(c.path.clone()) {
+                            found.push(c);
+                        }
+                    },
+                );
+            }
+        }
+        // Forget listings of directories that are gone or no longer walked.
+        self.listings.retain(|d, _| live_dirs.contains(d));
+        events.discovery(t.elapsed());
+        found
+    }
+
+    /// Whether `path` is a file the globs name now (used right after a rotation).
+    pub fn check(&mut self, path: &Path, events: &Events) -> Option<Candidate> {
+        for (si, s) in self.sources.iter().enumerate() {
+            for p in &s.include {
+                if matches_pattern(p, path) && !s.exclude.is_match(path) {
+                    let c = self.admit(si, path, events)?;
+                    return Some(c);
+                }
+            }
+        }
+        None
+    }
+
+    /// Applies the symlink policy, file type and shard to a path the walk named.
+    fn admit(&mut self, source: usize, path: &Path, events: &Events) -> Option<Candidate> {
+        let md = std::fs::symlink_metadata(path).ok()?;
+        let open_path = if md.file_type().is_symlink() {
+            self.resolve_symlink(path, events)?
+        } else {
+            path.to_path_buf()
+        };
+        let md = std::fs::metadata(&open_path).ok()?;
+        if !md.is_file() {
+            return None;
+        }
+        if let Some(shard) = self.shard {
+            if !in_shard(shard, path) {
+                return None;
+            }
+        }
+        Some(Candidate {
+            path: path.to_path_buf(),
+            open_path,
+            source,
+        })
+    }
+
+    /// The symlink's target if it lies inside the roots; otherwise refuses it (warning once).
+    fn resolve_symlink(&mut self, path: &Path, events: &Events) -> Option<PathBuf> {
+        match std::fs::canonicalize(path) {
+            Ok(t) if self.inside_roots(&t) => Some(t),
+            Ok(t) => {
+                if self.refused.insert(path.to_path_buf()) {
+                    tracing::warn!(path = %path.display(), target = %t.display(),
+                        "refusing symlink to outside the include roots");
+                    events.symlink_refused();
+                }
+                None
+            }
+            Err(_) => None, // dangling: nothing to read
+        }
+    }
+
+    fn list(&mut self, dir: &Path, full: bool) -> Vec<(OsString, Kind)> {
+        let mtime = std::fs::metadata(dir)
+            .map(|m| m.mtime() * 1_000_000_000 + m.mtime_nsec())
+            .ok();
+        let Some(mtime) = mtime else {
+            self.listings.remove(dir);
+            return Vec::new();
+        };
+        if !full {
+            if let Some((m, items)) = self.listings.get(dir) {
+                if *m == mtime {
+                    return items.clone();
+                }
+            }
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut items = Vec::new();
+        for e in rd.flatten() {
+            let kind = match e.file_type() {
+                Ok(t) if t.is_symlink() => Kind::Symlink,
+                Ok(t) if t.is_dir() => Kind::Dir,
+                Ok(t) if t.is_file() => Kind::File,
+                _ => Kind::Other,
+            };
+            items.push((e.file_name(), kind));
+        }
+        items.sort();
+        self.listings
+            .insert(dir.to_path_buf(), (mtime, items.clone()));
+        items
+    }
+
+    #[allow(clippy::too_many_arguments)] // a recursive walk's state; a struct would only rename it
+    fn walk(
+        &mut self,
+        si: usize,
+        pi: usize,
+        dir: &Path,
+        ci: usize,
+        depth: usize,
+        full: bool,
+        events: &Events,
+        visited: &mut HashSet<PathBuf>,
+        live_dirs: &mut HashSet<PathBuf>,
+        out: &mut dyn FnMut(Candidate),
+    ) {
+        if depth > MAX_DEPTH {
+            return;
+        }
+        let ncomps = self.sources[si].include[pi].comps.len();
+        if ci == ncomps {
+            return;
+        }
+        let last = ci + 1 == ncomps;
+        enum Step {
+            Literal(OsString),
+            Glob,
+            AnyDepth,
+        }
+        let step = match &self.sources[si].include[pi].comps[ci] {
+            Comp::Literal(n) => Step::Literal(n.clone()),
+            Comp::Glob(_) => Step::Glob,
+            Comp::AnyDepth => Step::AnyDepth,
+        };
+        match step {
+            Step::Literal(name) => {
+                let p = dir.join(&name);
+                self.visit(
+                    si, pi, &p, None, ci, last, depth, full, events, visited, live_dirs, out,
+                );
+            }
+            Step::Glob => {
+                live_dirs.insert(dir.to_path_buf());
+                for (name, kind) in self.list(dir, full) {
+                    let Comp::Glob(m) = &self.sources[si].include[pi].comps[ci] else {
+                        continue;
+                    };
+                    if m.is_match(&name) {
+                        let p = dir.join(&name);
+                        self.visit(
+                            si,
+                            pi,
+                            &p,
+                            Some(kind),
+                            ci,
+                            last,
+                            depth,
+                            full,
+                            events,
+                            visited,
+                            live_dirs,
+                            out,
+                        );
+                    }
+                }
+            }
+            Step::AnyDepth => {
+                // `**` matches zero directories here...
+                self.walk(
+                    si,
+                    pi,
+                    dir,
+                    ci + 1,
+                    depth,
+                    full,
+                    events,
+                    visited,
+                    live_dirs,
+                    out,
+                );
+                // ... or descends into each subdirectory.
+                live_dirs.insert(dir.to_path_buf());
+                for (name, kind) in self.list(dir, full) {
+                    let p = dir.join(&name);
+                    let is_dir = match kind {
+                        Kind::Dir => true,
+                        Kind::Symlink => match self.resolve_symlink(&p, events) {
+                            Some(t) => t.is_dir() && visited.insert(t),
+                            None => false,
+                        },
+                        _ => false,
+                    };
+                    if is_dir {
+                        self.walk(
+                            si,
+                            pi,
+                            &p,
+                            ci,
+                            depth + 1,
+                            full,
+                            events,
+                            visited,
+                            live_dirs,
+                            out,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // see walk
+    fn visit(
+        &mut self,
+        si: usize,
+        pi: usize,
+        p: &Path,
+        kind: Option<Kind>,
+        ci: usize,
+        last: bool,
+        depth: usize,
+        full: bool,
+        events: &Events,
+        visited: &mut HashSet<PathBuf>,
+        live_dirs: &mut HashSet<PathBuf>,
+        out: &mut dyn FnMut(Candidate),
+    ) {
+        let kind = match kind {
+            Some(k) => k,
+            None => match std::fs::symlink_metadata(p) {
+                Ok(m) if m.file_type().is_symlink() => Kind::Symlink,
+                Ok(m) if m.is_dir() => Kind::Dir,
+                Ok(m) if m.is_file() => Kind::File,
+                Ok(_) => Kind::Other,
+                Err(_) => return,
+            },
+        };
+        if last {
+            if matches!(kind, Kind::File | Kind::Symlink) && !self.sources[si].exclude.is_match(p) {
+                if let Some(c) = self.admit(si, p, events) {
+                    out(c);
+                }
+            }
+            return;
+        }
+        let descend = match kind {
+            Kind::Dir => true,
+            Kind::Symlink => match self.resolve_symlink(p, events) {
+                Some(t) => t.is_dir() && visited.insert(t),
+                None => false,
+            },
+            _ => false,
+        };
+        if descend {
+            self.walk(
+                si,
+                pi,
+                p,
+                ci + 1,
+                depth + 1,
+                full,
+                events,
+                visited,
+                live_dirs,
+                out,
+            );
+        }
+    }
+
+    /// Opens a candidate for reading, refusing anything that is not a regular file inside the
+    /// include roots once opened.
+    pub fn open(&self, c: &Candidate) -> Result<File, DiscoveryError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOATIME)
+            .open(&c.open_path)
+            .or_else(|e| {
+                // O_NOATIME is refused on files we don't own without CAP_FOWNER.
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                        .open(&c.open_path)
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|source| DiscoveryError::Open {
+                path: c.path.clone(),
+                source,
+            })?;
+        let md = f.metadata().map_err(|source| DiscoveryError::Open {
+            path: c.path.clone(),
+            source,
+        })?;
+        if !md.is_file() {
+            return Err(DiscoveryError::Refused {
+                path: c.path.clone(),
+                why: "not a regular file".into(),
+            });
+        }
+        if let Ok(real) = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&f)
+        )) {
+            if !self.inside_roots(&real) {
+                return Err(DiscoveryError::Refused {
+                    path: c.path.clone(),
+                    why: format!(
+                        "it resolves to {} outside the include roots",
+                        real.display()
+                    ),
+                });
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// Whether `path` matches the pattern (used for single-path checks).
+fn matches_pattern(p: &Pattern, path: &Path) -> bool {
+    let Ok(rest) = path.strip_prefix(&p.base) else {
+        return false;
+    };
+    let parts: Vec<OsString> = rest
+        .components()
+        .map(|c| c.as_os_str().to_os_string())
+        .collect();
+    fn m(comps: &[Comp], parts: &[OsString]) -> bool {
+        match (comps.first(), parts.first()) {
+            (None, None) => true,
+            (Some(Comp::AnyDepth), _) => {
+                m(&comps[1..], parts) || (!parts.is_empty() && m(comps, &parts[1..]))
+            }
+            (Some(Comp::Literal(l)), Some(x)) => l == x && m(&comps[1..], &parts[1..]),
+            (Some(Comp::Glob(g)), Some(x)) => g.is_match(x) && m(&comps[1..], &parts[1..]),
+            _ => false,
+        }
+    }
+    m(&p.comps, &parts)
+}
+
+/// Whether the file's directory belongs to this shard (a stable hash of the directory path).
+pub fn in_shard(shard: Shard, path: &Path) -> bool {
+    let dir = path.parent().unwrap_or(path);
+    let h = xxhash_rust::xxh3::xxh3_64(dir.as_os_str().as_encoded_bytes());
+    h % u64::from(shard.count) == u64::from(shard.ordinal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn source(include: &[String], exclude: &[&str]) -> SourceConfig {
+        let t = format!(
+            "name = \"s\"\ninclude = [{}]\nexclude = [{}]\n",
+            include
+                .iter()
+                .map(|g| format!("{g:?}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            exclude
+                .iter()
+                .map(|g| format!("{g:?}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        toml::from_str(&t).expect("source")
+    }
+
+    fn names(d: &mut Discovery, root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = d
+            .scan(&Events::new())
+            .into_iter()
+            .map(|c| {
+                c.path
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn globs_find_pod_files_and_follow_changes() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        for pod in ["ns_a_1_2_n", "ns_b_1_2_n"] {
+            std::fs::create_dir_all(r.join("nginx").join(pod)).expect("mkdir");
+            std::fs::write(r.join("nginx").join(pod).join("access.log"), "x\n").expect("write");
+            std::fs::write(r.join("nginx").join(pod).join("access.log.gz"), "x\n").expect("write");
+        }
+        let glob = format!("{}/nginx/*/access.log*", r.display());
+        let mut d = Discovery::new(&[source(&[glob], &["**/*.gz"])], None).expect("new");
+        assert_eq!(
+            names(&mut d, r),
+            vec!["nginx/ns_a_1_2_n/access.log", "nginx/ns_b_1_2_n/access.log"]
+        );
+        std::fs::create_dir_all(r.join("nginx/ns_c_1_2_n")).expect("mkdir");
+        std::fs::write(r.join("nginx/ns_c_1_2_n/access.log"), "x\n").expect("write");
+        assert_eq!(
+            names(&mut d, r).len(),
+            3,
+            "a new pod directory is picked up"
+        );
+        std::fs::remove_dir_all(r.join("nginx/ns_a_1_2_n")).expect("rm");
+        assert_eq!(names(&mut d, r).len(), 2, "a removed one is gone");
+    }
+
+    #[test]
+    fn double_star_crosses_directories() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        std::fs::create_dir_all(r.join("a/b/c")).expect("mkdir");
+        std::fs::write(r.join("top.log"), "").expect("w");
+        std::fs::write(r.join("a/b/c/deep.log"), "").expect("w");
+        std::fs::write(r.join("a/b/c/deep.txt"), "").expect("w");
+        let mut d = Discovery::new(&[source(&[format!("{}/**/*.log", r.display())], &[])], None)
+            .expect("new");
+        assert_eq!(names(&mut d, r), vec!["a/b/c/deep.log", "top.log"]);
+        assert!(d.check(&r.join("a/b/c/deep.log"), &Events::new()).is_some());
+        assert!(d.check(&r.join("a/b/c/deep.txt"), &Events::new()).is_none());
+    }
+
+    #[test]
+    fn symlinks_outside_roots_are_refused_inside_followed() {
+        let t = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("tmp2");
+        std::fs::write(outside.path().join("secret"), "root:x\n").expect("w");
+        let r = t.path().join("logs");
+        std::fs::create_dir_all(r.join("pod1")).expect("mkdir");
+        std::fs::create_dir_all(r.join("pod2")).expect("mkdir");
+        std::fs::create_dir_all(r.join("real")).expect("mkdir");
+        std::fs::write(r.join("real/app.log"), "ok\n").expect("w");
+        symlink(outside.path().join("secret"), r.join("pod1/app.log")).expect("ln");
+        symlink(outside.path(), r.join("pod3")).expect("ln dir");
+        symlink(r.join("real/app.log"), r.join("pod2/app.log")).expect("ln inside");
+        let mut d = Discovery::new(
+            &[source(&[format!("{}/*/app.log", r.display())], &[])],
+            None,
+        )
+        .expect("new");
+        let found = d.scan(&Events::new());
+        let paths: Vec<_> = found
+            .iter()
+            .map(|c| c.path.strip_prefix(&r).expect("p").display().to_string())
+            .collect();
+        assert!(paths.contains(&"pod2/app.log".to_string()), "{paths:?}");
+        assert!(paths.contains(&"real/app.log".to_string()));
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.starts_with("pod1") || p.starts_with("pod3")),
+            "{paths:?}"
+        );
+        for c in &found {
+            d.open(c).expect("inside files open");
+        }
+        // A candidate swapped to a symlink after the walk is refused at open.
+        let swapped = Candidate {
+            path: r.join("pod1/app.log"),
+            open_path: r.join("pod1/app.log"),
+            source: 0,
+        };
+        assert!(d.open(&swapped).is_err());
+        let via_dir = Candidate {
+            path: r.join("pod3/secret"),
+            open_path: r.join("pod3/secret"),
+            source: 0,
+        };
+        assert!(matches!(
+            d.open(&via_dir),
+            Err(DiscoveryError::Refused { .. })
+        ));
+    }
+
+    #[test]
+    fn shards_split_directories_and_cover_all() {
+        let paths: Vec<PathBuf> = (0..300)
+            .map(|i| PathBuf::from(format!("/v/nginx/ns_pod-{i}_1_2_n/access.log")))
+            .collect();
+        let mut counts = [0usize; 3];
+        for p in &paths {
+            let owners: Vec<u32> = (0..3)
+                .filter(|&o| {
+                    in_shard(
+                        Shard {
+                            ordinal: o,
+                            count: 3,
+                        },
+                        p,
+                    )
+                })
+                .collect();
+            assert_eq!(owners.len(), 1);
+            counts[owners[0] as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 50), "{counts:?}");
+    }
+}

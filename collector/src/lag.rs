@@ -1,0 +1,82 @@
+//! Lag: bytes on disk not yet acknowledged, per source.
+//!
+//! The reader knows file sizes, the uploader knows acknowledged offsets; each writes its half
+//! into a [`LagBoard`] (one lock per poll round or per batch, never per line) and the reader
+//! publishes the per-source sums as `voltail_lag_bytes` about once a second.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::batch::FileKey;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Row {
+    source: usize,
+    size: u64,
+    acked: u64,
+}
+
+/// Sizes and acknowledged offsets by file.
+#[derive(Debug, Default)]
+pub struct LagBoard {
+    rows: Mutex<HashMap<FileKey, Row>>,
+}
+
+impl LagBoard {
+    /// Records sizes seen by the reader: `(key, source, size)`.
+    pub fn sizes(&self, it: impl IntoIterator<Item = (FileKey, usize, u64)>) {
+        if let Ok(mut rows) = self.rows.lock() {
+            for (k, source, size) in it {
+                let r = rows.entry(k).or_default();
+                r.source = source;
+                r.size = size;
+            }
+        }
+    }
+
+    /// Records acknowledged offsets: `(key, offset)`; unknown keys are ignored.
+    pub fn acked(&self, it: impl IntoIterator<Item = (FileKey, u64)>) {
+        if let Ok(mut rows) = self.rows.lock() {
+            for (k, off) in it {
+                if let Some(r) = rows.get_mut(&k) {
+                    r.acked = off;
+                }
+            }
+        }
+    }
+
+    /// Forgets a released file.
+    pub fn remove(&self, key: FileKey) {
+        if let Ok(mut rows) = self.rows.lock() {
+            rows.remove(&key);
+        }
+    }
+
+    /// Unacknowledged bytes per source index (`sources` long).
+    pub fn per_source(&self, sources: usize) -> Vec<u64> {
+        let mut out = vec![0u64; sources];
+        if let Ok(rows) = self.rows.lock() {
+            for r in rows.values() {
+                if let Some(s) = out.get_mut(r.source) {
+                    *s += r.size.saturating_sub(r.acked);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_size_minus_acked_per_source() {
+        let b = LagBoard::default();
+        b.sizes([(1, 0, 100), (2, 1, 50), (3, 0, 10)]);
+        b.acked([(1, 40), (9, 5)]);
+        assert_eq!(b.per_source(2), vec![70, 50]);
+        b.remove(3);
+        assert_eq!(b.per_source(2), vec![60, 50]);
+    }
+}
