@@ -64,6 +64,7 @@ say "cargo build --release -p voltail"
 (cd "$REPO" && cargo build -q --release -p voltail) || die "cargo build"
 rm -rf "$WORK/ctx" && mkdir -p "$WORK/ctx"
 cp "$TARGET/release/voltail" "$WORK/ctx/voltail"
+mkdir -p "$WORK/ctx/empty"
 podman build -q -f "$REPO/tests/deploy/Containerfile.local" -t localhost/voltail:dev "$WORK/ctx" >/dev/null \
   || die "podman build"
 say "image localhost/voltail:dev built"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# tests/deploy/image-build.sh: builds deploy/Dockerfile for real with podman, without pulling
+# from any registry, and checks the image it makes.
+#
+# The Dockerfile's two base images are stood in for by local images of the same names, both
+# made from a debootstrap'ed Debian bookworm (see kube-play.sh, which makes
+# localhost/debian-rootfs:bookworm):
+#   docker.io/library/debian:bookworm-slim       = that root filesystem;
+#   docker.io/library/rust:<ver>-slim-bookworm   = that + gcc/libc6-dev (apt) + the host's Rust
+#                                                  toolchain, bind-mounted read-only at build time.
+# Everything in the Dockerfile then runs as written: apt-get in both stages, the cargo build with
+# cache mounts, the non-root user, tini as the entrypoint.
+#
+# Needs root and network access to the Debian mirror and crates.io. Takes ~6-10 min (a release
+# build of voltail inside the container on 2 cores).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+WORK="${VOLTAIL_KP_WORK:-/var/tmp/voltail-kube-play}"
+start=$SECONDS
+say() { printf '[image-build %3ss] %s\n' "$((SECONDS - start))" "$*"; }
+die() { say "FAIL: $*"; exit 1; }
+
+export CONTAINERS_CONF="$WORK/containers.conf"
+if ! podman image exists localhost/debian-rootfs:bookworm || [ ! -f "$CONTAINERS_CONF" ]; then
+  die "run tests/deploy/kube-play.sh first (it makes the Debian base image and containers.conf)"
+fi
+
+toolchain="$(rustc --print sysroot)"
+rust_version="$(rustc --version | awk '{split($2, v, "."); print v[1] "." v[2]}')"
+podman tag localhost/debian-rootfs:bookworm docker.io/library/debian:bookworm-slim
+
+if ! podman image exists "docker.io/library/rust:${rust_version}-slim-bookworm"; then
+  say "making docker.io/library/rust:${rust_version}-slim-bookworm (gcc + the host toolchain $toolchain)"
+  mkdir -p "$WORK/rust-image"
+  cat >"$WORK/rust-image/Containerfile" <<'CF'
+FROM localhost/debian-rootfs:bookworm
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /usr/local/cargo/bin \
+ && for b in cargo rustc rustdoc; do ln -s "/opt/rust/bin/$b" "/usr/local/cargo/bin/$b"; done
+ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+CF
+  podman build -q --pull=never -t "docker.io/library/rust:${rust_version}-slim-bookworm" "$WORK/rust-image" >/dev/null \
+    || die "building the stand-in rust image"
+fi
+
+say "podman build -f deploy/Dockerfile (RUST_VERSION=$rust_version)"
+podman build --pull=never --build-arg "RUST_VERSION=$rust_version" \
+  -v "$toolchain:/opt/rust:ro" \
+  -f "$REPO/deploy/Dockerfile" -t localhost/voltail:dockerfile "$REPO" >"$WORK/image-build.log" 2>&1 \
+  || { tail -30 "$WORK/image-build.log"; die "podman build"; }
+
+user="$(podman inspect -f '{{.Config.User}}' localhost/voltail:dockerfile)"
+entry="$(podman inspect -f '{{json .Config.Entrypoint}}' localhost/voltail:dockerfile)"
+size="$(podman image inspect -f '{{.Size}}' localhost/voltail:dockerfile)"
+say "image: user $user, entrypoint $entry, $((size / 1024 / 1024)) MiB"
+[ "$user" = 65532:65532 ] || die "image user is '$user'"
+podman run --rm localhost/voltail:dockerfile --version || die "voltail --version in the image"
+podman run --rm -v "$REPO/deploy/kubernetes/components/collector-config:/etc/voltail:ro" \
+  -e VOLTAIL_SHARD=0/1 localhost/voltail:dockerfile check --config /etc/voltail/voltail.toml >/dev/null \
+  || die "voltail check in the image"
+podman run --rm --entrypoint /bin/ls localhost/voltail:dockerfile /etc/ssl/certs/ca-certificates.crt >/dev/null \
+  || die "no CA certificates in the image"
+say "PASS in $((SECONDS - start))s"
