@@ -128,8 +128,20 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
 
     let mut sink = crate::sink::build(cfg)?;
     sink.recover(loaded.cursor.as_deref())?;
+    // The loaded entries stay in the checkpoint under these keys until the tailer matches
+    // each to a file (same key) or finds it gone (released).
     let mut state = State::default();
     state.cursor = loaded.cursor.clone().unwrap_or_default();
+    let restore: Vec<(u64, crate::checkpoint::Entry)> = loaded
+        .entries
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, e)| (i as u64 + 1, e))
+        .collect();
+    for (k, e) in &restore {
+        state.entries.insert(*k, e.clone());
+    }
 
     let sources = cfg
         .sources
@@ -205,7 +217,7 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         hints: hint_rx,
         events: events.clone(),
         lag,
-        restore: loaded.entries,
+        restore,
         opts: TailerOptions {
             first_start: loaded.outcome == LoadOutcome::Fresh,
             probe_poll_interval: None,

@@ -262,6 +262,13 @@ impl Discovery {
         found
     }
 
+    /// Whether source `source` excludes `path`.
+    pub fn excluded(&self, source: usize, path: &Path) -> bool {
+        self.sources
+            .get(source)
+            .is_none_or(|s| s.exclude.is_match(path))
+    }
+
     /// Whether `path` is a file the globs name now (used right after a rotation).
     pub fn check(&mut self, path: &Path, events: &Events) -> Option<Candidate> {
         for (si, s) in self.sources.iter().enumerate() {

@@ -345,7 +345,7 @@ mod tests {
             max in 4usize..40,
             multiline in any::<bool>(),
         ) {
-            let whole = events(&[data.clone()], max, multiline);
+            let whole = events(std::slice::from_ref(&data), max, multiline);
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
             cuts.sort();
             let mut chunks = Vec::new();

@@ -152,8 +152,8 @@ pub struct Tailer {
     files: HashMap<FileKey, Tracked>,
     by_path: HashMap<PathBuf, FileKey>,
     by_ino: HashMap<(u64, u64), FileKey>,
-    /// Checkpoint entries not matched to a file yet, by inode.
-    restore: HashMap<u64, Vec<Entry>>,
+    /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
+    restore: HashMap<u64, Vec<(FileKey, Entry)>>,
     next_key: FileKey,
     bufs: Vec<Vec<u8>>,
     discovered_once: bool,
@@ -191,8 +191,8 @@ pub struct TailerParts {
     pub events: Events,
     /// Lag bookkeeping shared with the uploader.
     pub lag: Arc<LagBoard>,
-    /// Checkpoint entries to resume from.
-    pub restore: Vec<Entry>,
+    /// Checkpoint entries to resume from, under the keys the uploader's state holds them by.
+    pub restore: Vec<(FileKey, Entry)>,
     /// Options.
     pub opts: TailerOptions,
 }
@@ -209,9 +209,10 @@ pub enum Exit {
 impl Tailer {
     /// Builds a tailer.
     pub fn new(p: TailerParts) -> Tailer {
-        let mut restore: HashMap<u64, Vec<Entry>> = HashMap::new();
-        for e in p.restore {
-            restore.entry(e.id.ino).or_default().push(e);
+        let mut restore: HashMap<u64, Vec<(FileKey, Entry)>> = HashMap::new();
+        let next_key = p.restore.iter().map(|(k, _)| k + 1).max().unwrap_or(1);
+        for (k, e) in p.restore {
+            restore.entry(e.id.ino).or_default().push((k, e));
         }
         let now = Instant::now();
         Tailer {
@@ -228,7 +229,7 @@ impl Tailer {
             by_path: HashMap::new(),
             by_ino: HashMap::new(),
             restore,
-            next_key: 1,
+            next_key,
             bufs: Vec::new(),
             discovered_once: false,
             next_discovery: now,
@@ -361,6 +362,22 @@ impl Tailer {
         self.events.files_watched(self.files.len());
     }
 
+    /// One iteration without sleeping: discovery (when `discover`), a poll round over the
+    /// files due at `now`, and the open batch handed on. For tests and tools that drive the
+    /// tailer step by step.
+    pub fn step(&mut self, now: Instant, discover: bool) -> bool {
+        if discover || now >= self.next_discovery {
+            self.discover(now);
+        }
+        self.drain_hints(now);
+        let more = self.round(now);
+        if let Some(b) = self.builder.take() {
+            let never = AtomicBool::new(false);
+            self.send(b, &never);
+        }
+        more
+    }
+
     /// The number of tracked files.
     pub fn tracked(&self) -> usize {
         self.files.len()
@@ -374,8 +391,8 @@ impl Tailer {
         for c in candidates {
             self.consider(c, now, initial);
         }
-        if initial {
-            self.discovered_once = true;
+        self.discovered_once = true;
+        if !self.restore.is_empty() {
             self.finish_restore(now);
         }
         let every = self
@@ -467,8 +484,8 @@ impl Tailer {
         prefix.truncate(n);
         let resumed = self.take_restore(st.dev, st.ino, &prefix);
         let offset = match &resumed {
-            Some(e) if e.offset <= st.size => e.offset,
-            Some(e) => {
+            Some((_, e)) if e.offset <= st.size => e.offset,
+            Some((_, e)) => {
                 tracing::warn!(path = %path.display(), checkpoint = e.offset, size = st.size,
                     "file is shorter than its checkpoint (truncated while voltail was down); reading from 0");
                 0
@@ -481,8 +498,14 @@ impl Tailer {
             }
             None => 0,
         };
-        let key = self.next_key;
-        self.next_key += 1;
+        // A resumed file keeps its checkpoint key, so its entry is updated, not duplicated.
+        let key = match &resumed {
+            Some((k, _)) => *k,
+            None => {
+                self.next_key += 1;
+                self.next_key - 1
+            }
+        };
         let id = FileId::new(st.dev, st.ino, &prefix);
         let src = &self.sources[source];
         let meta = meta_for(src, key, &path, id.fp, &self.events);
@@ -528,12 +551,12 @@ impl Tailer {
         self.events.file_opened();
     }
 
-    fn take_restore(&mut self, dev: u64, ino: u64, prefix: &[u8]) -> Option<Entry> {
+    fn take_restore(&mut self, dev: u64, ino: u64, prefix: &[u8]) -> Option<(FileKey, Entry)> {
         let list = self.restore.get_mut(&ino)?;
         let best = list
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.id.matches(dev, ino, prefix), i))
+            .map(|(i, (_, e))| (e.id.matches(dev, ino, prefix), i))
             .filter(|(m, _)| *m != Match::No)
             .max()?;
         let e = list.swap_remove(best.1);
@@ -543,53 +566,79 @@ impl Tailer {
         Some(e)
     }
 
-    /// After the first discovery: checkpoint entries whose file was not found under a glob
-    /// may have been rotated while voltail was down; look for them next to their old path.
+    /// After a discovery: checkpoint entries whose file was not found under a glob may have
+    /// been rotated while voltail was down; look for them next to their old path and finish
+    /// them. An entry is dropped only when its file is gone for sure (its directory lists
+    /// without it, or is gone while the volume is there); while the volume is unreachable the
+    /// entries are kept, so a mount that comes late does not make everything read again.
     fn finish_restore(&mut self, now: Instant) {
-        let left: Vec<Entry> = self.restore.drain().flat_map(|(_, v)| v).collect();
-        for e in left {
+        let left: Vec<(FileKey, Entry)> = self.restore.drain().flat_map(|(_, v)| v).collect();
+        let volume_up = !self.discovery.roots().is_empty();
+        let mut keep = Vec::new();
+        for (key, e) in left {
             let path = PathBuf::from(&e.path);
-            let found = path
-                .parent()
-                .and_then(|dir| std::fs::read_dir(dir).ok())
-                .and_then(|rd| {
-                    rd.flatten().find(|d| {
-                        d.file_type().is_ok_and(|t| t.is_file())
-                            && std::os::unix::fs::DirEntryExt::ino(d) == e.id.ino
-                    })
-                });
-            let Some(d) = found else {
-                tracing::info!(path = %e.path, offset = e.offset, "checkpointed file is gone");
-                continue;
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            let listing = match std::fs::read_dir(dir) {
+                Ok(rd) => Some(rd.flatten().collect::<Vec<_>>()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound && volume_up => None,
+                Err(err) => {
+                    tracing::warn!(path = %e.path, error = %err, "cannot look for a checkpointed file yet; keeping its entry");
+                    keep.push((key, e));
+                    continue;
+                }
             };
-            let Some(source) = self.sources.iter().position(|s| *s.name == *e.source) else {
-                continue;
-            };
-            let c = Candidate {
-                path: d.path(),
-                open_path: d.path(),
-                source,
-            };
-            let Ok(file) = self.discovery.open(&c) else {
-                continue;
-            };
-            let Ok(st) = backend::statx_fd(file.as_raw_fd()) else {
-                continue;
-            };
-            if self.by_ino.contains_key(&(st.dev, st.ino)) {
-                continue;
+            // The file under a rotated name: same inode, named after the old file, not excluded.
+            let old_name = path
+                .file_name()
+                .map(|n| n.as_bytes().to_vec())
+                .unwrap_or_default();
+            let source = self.sources.iter().position(|s| *s.name == *e.source);
+            let found = listing.into_iter().flatten().find(|d| {
+                d.file_type().is_ok_and(|t| t.is_file())
+                    && std::os::unix::fs::DirEntryExt::ino(d) == e.id.ino
+                    && d.file_name().as_bytes().starts_with(&old_name)
+                    && source.is_some_and(|s| !self.discovery.excluded(s, &d.path()))
+            });
+            let opened = found.and_then(|d| {
+                let source = source?;
+                let c = Candidate {
+                    path: d.path(),
+                    open_path: d.path(),
+                    source,
+                };
+                let file = self.discovery.open(&c).ok()?;
+                let st = backend::statx_fd(file.as_raw_fd()).ok()?;
+                if self.by_ino.contains_key(&(st.dev, st.ino)) {
+                    return None;
+                }
+                let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+                let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
+                let same = e.id.matches(st.dev, st.ino, &prefix[..n]) != Match::No;
+                Some((c, file, st, source, same))
+            });
+            match opened {
+                Some((c, file, st, source, true)) => {
+                    tracing::info!(old = %e.path, now_at = %c.path.display(), "finishing a file rotated while voltail was down");
+                    self.restore.entry(e.id.ino).or_default().push((key, e));
+                    self.track(source, c.path, file, st, now, false, true);
+                }
+                Some((c, file, st, source, false)) => {
+                    // Same inode, other content: it was truncated (or replaced) and refilled,
+                    // then rotated, all after the last checkpoint. Its content is unread.
+                    tracing::info!(old = %e.path, now_at = %c.path.display(),
+                        "a rotated file holds content the checkpoint never saw; reading it from 0");
+                    self.builder.update(FileUpdate::Release { key });
+                    self.track(source, c.path, file, st, now, false, true);
+                }
+                None => {
+                    tracing::info!(path = %e.path, offset = e.offset, "checkpointed file is gone; forgetting it");
+                    self.builder.update(FileUpdate::Release { key });
+                }
             }
-            let mut prefix = vec![0u8; FINGERPRINT_BYTES];
-            let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
-            if e.id.matches(st.dev, st.ino, &prefix[..n]) == Match::No {
-                tracing::info!(path = %e.path, "checkpointed file is gone (its inode now holds another file)");
-                continue;
-            }
-            tracing::info!(old = %e.path, now_at = %c.path.display(), "finishing a file rotated while voltail was down");
-            self.restore.entry(e.id.ino).or_default().push(e);
-            self.track(source, c.path, file, st, now, false, true);
         }
-        self.restore.clear();
+        for (key, e) in keep {
+            self.restore.entry(e.id.ino).or_default().push((key, e));
+        }
     }
 
     // ---- poll rounds ----
