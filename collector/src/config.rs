@@ -478,27 +478,28 @@ impl Config {
         if let Some(shard) = &self.shard {
             Shard::parse(shard.get_ref()).map_err(|m| bad(shard.span(), "shard".into(), m))?;
         }
+        let at = |table: &str, nth: usize, key: &str, message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: key_line(text, table, nth, key),
+            key: match table {
+                "" => key.to_string(),
+                "[[sources]]" => format!("sources[{nth}].{key}"),
+                t => format!("{}.{key}", t.trim_matches(|c| c == '[' || c == ']')),
+            },
+            message: message.to_string(),
+        };
         if self.checkpoint_interval.0.is_zero() {
-            return Err(bad(
-                0..1,
-                "checkpoint_interval".into(),
-                "must be above zero".into(),
-            ));
+            return Err(at("", 0, "checkpoint_interval", "must be above zero"));
         }
         let b = &self.batch;
         if b.max_bytes < 1024 || b.max_bytes > 256 << 20 {
-            return Err(bad(
-                0..1,
-                "batch.max_bytes".into(),
-                "must be in 1024..=268435456".into(),
-            ));
+            return Err(at("[batch]", 0, "max_bytes", "must be in 1024..=268435456"));
         }
-        if b.max_events == 0 || b.queue_batches == 0 {
-            return Err(bad(
-                0..1,
-                "batch".into(),
-                "max_events and queue_batches must be above zero".into(),
-            ));
+        if b.max_events == 0 {
+            return Err(at("[batch]", 0, "max_events", "must be above zero"));
+        }
+        if b.queue_batches == 0 {
+            return Err(at("[batch]", 0, "queue_batches", "must be above zero"));
         }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.sources.iter().enumerate() {
@@ -555,56 +556,100 @@ impl Config {
                 })?;
             }
             if let Some(enc) = &s.encoding {
-                if encoding_rs::Encoding::for_label(enc.get_ref().as_bytes()).is_none() {
-                    return Err(bad(
-                        enc.span(),
-                        k("encoding"),
-                        format!("unknown encoding {:?}", enc.get_ref()),
-                    ));
+                let (span, label) = (enc.span(), enc.get_ref());
+                match encoding_rs::Encoding::for_label(label.as_bytes()) {
+                    None => {
+                        return Err(bad(
+                            span,
+                            k("encoding"),
+                            format!("unknown encoding {label:?}"),
+                        ))
+                    }
+                    // Lines are cut at 0x0A bytes, which UTF-16 does not keep.
+                    Some(e) if !e.is_ascii_compatible() => {
+                        let m = format!("{} is not ASCII-compatible; not supported", e.name());
+                        return Err(bad(span, k("encoding"), m));
+                    }
+                    Some(_) => {}
                 }
             }
             if s.poll_interval.0.is_zero() || s.max_poll_interval < s.poll_interval {
-                return Err(bad(
-                    s.name.span(),
-                    k("poll_interval"),
-                    "must be above zero and not above max_poll_interval".into(),
-                ));
+                let m = "must be above zero and not above max_poll_interval";
+                return Err(at("[[sources]]", i, "poll_interval", m));
             }
             if s.max_line_bytes < 64 || s.max_line_bytes > 64 << 20 {
-                return Err(bad(
-                    s.name.span(),
-                    k("max_line_bytes"),
-                    "must be in 64..=67108864".into(),
+                return Err(at(
+                    "[[sources]]",
+                    i,
+                    "max_line_bytes",
+                    "must be in 64..=67108864",
                 ));
             }
         }
         match self.sink() {
             SinkConfig::File(f) => {
-                let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
                 if f.compression == Compression::Gzip {
-                    return Err(bad(
-                        span,
-                        "sink.compression".into(),
-                        "the file sink writes zstd or none".into(),
+                    return Err(at(
+                        "[sink]",
+                        0,
+                        "compression",
+                        "the file sink writes zstd or none",
                     ));
                 }
                 if !(-7..=22).contains(&f.compression_level) {
-                    return Err(bad(
-                        span,
-                        "sink.compression_level".into(),
-                        "zstd levels are -7..=22".into(),
+                    return Err(at(
+                        "[sink]",
+                        0,
+                        "compression_level",
+                        "zstd levels are -7..=22",
                     ));
                 }
                 if f.segment_max_bytes < 4096 {
-                    return Err(bad(
-                        span,
-                        "sink.segment_max_bytes".into(),
-                        "must be at least 4096".into(),
+                    return Err(at(
+                        "[sink]",
+                        0,
+                        "segment_max_bytes",
+                        "must be at least 4096",
                     ));
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// 1-based line of `key = ...` inside the `nth` occurrence of table header `table` (or at the
+/// top level when `table` is empty); the header's own line when the key is not written there
+/// (the default is at fault), 0 when neither is found.
+fn key_line(text: &str, table: &str, nth: usize, key: &str) -> usize {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = if table.is_empty() {
+        Some(0)
+    } else {
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == table)
+            .nth(nth)
+            .map(|(i, _)| i)
+    };
+    let Some(start) = start else { return 0 };
+    let body = if table.is_empty() { start } else { start + 1 };
+    for (i, l) in lines.iter().enumerate().skip(body) {
+        let t = l.trim_start();
+        if t.starts_with('[') {
+            break;
+        }
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return i + 1;
+            }
+        }
+    }
+    if table.is_empty() {
+        0
+    } else {
+        start + 1
     }
 }
 
@@ -740,6 +785,27 @@ path = "/tmp/out"
             .expect_err("shard")
             .to_string()
             .contains("test.toml:1: shard"));
+    }
+
+    #[test]
+    fn plain_fields_name_their_line() {
+        let t = GOOD.replace(
+            "poll_interval = \"250ms\"",
+            "poll_interval = \"250ms\"\nmax_line_bytes = 3",
+        );
+        let e = parse(&t).expect_err("tiny").to_string();
+        assert!(
+            e.starts_with("test.toml:11: sources[0].max_line_bytes"),
+            "{e}"
+        );
+        let t = format!("{GOOD}compression_level = 99\n");
+        let e = parse(&t).expect_err("level").to_string();
+        assert!(e.starts_with("test.toml:14: sink.compression_level"), "{e}");
+        let t = GOOD.replace("poll_interval = \"250ms\"", "encoding = \"utf-16le\"");
+        assert!(parse(&t)
+            .expect_err("utf16")
+            .to_string()
+            .contains("not ASCII-compatible"));
     }
 
     #[test]

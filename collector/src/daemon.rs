@@ -57,6 +57,9 @@ pub enum DaemonError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// `probe = "on"` and the eBPF probe cannot run.
+    #[error("probe = \"on\" but the eBPF probe cannot run: {0}")]
+    Probe(#[from] voltail_ebpf::ProbeError),
 }
 
 /// Process-wide handles the daemon reports through.
@@ -157,7 +160,21 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     let q = cfg.batch.queue_batches;
     let (raw_tx, raw_rx) = bounded::<Batch>(q);
     let (ready_tx, ready_rx) = bounded::<Batch>(q);
-    let (_hint_tx, hint_rx) = bounded(4096);
+    let (hint_tx, hint_rx) = bounded(4096);
+    // The probe watches the devices of the include roots (writes by processes on this node).
+    let mut devices: Vec<u64> = discovery
+        .roots()
+        .iter()
+        .filter_map(|r| std::fs::metadata(r).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        .collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let probe = crate::probe::spawn(cfg.probe, devices, hint_tx, Arc::clone(&ctx.stop))?;
+    if probe.is_some() {
+        tracing::info!(safety_poll = %humantime::format_duration(cfg.probe_poll_interval.0),
+            "eBPF write probe active: local writes are read at once, polling slows down");
+    }
     let give_up = Arc::new(AtomicBool::new(false));
     let lag = Arc::new(LagBoard::default());
 
@@ -262,6 +279,9 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
             Err(RecvTimeoutError::Disconnected) => break UploadExit::Abandoned,
         }
     };
+    if let Some(p) = probe {
+        p.stop();
+    }
     let _ = compressor.join();
     let _ = uploader.join();
     match (exit, upload) {

@@ -1,1 +1,5 @@
+//! Integration tests: one test binary, one module per area.
+
+mod collector;
+mod probe;
 mod shard;

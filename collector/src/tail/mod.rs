@@ -121,6 +121,7 @@ struct Tracked {
     read_off: u64,
     acked_sent: u64,
     size: u64,
+    mtime_ns: i64,
     framer: Framer,
     /// Rotated away, deleted, or no longer named by a glob: finish and release.
     orphan: bool,
@@ -156,6 +157,7 @@ pub struct Tailer {
     restore: HashMap<u64, Vec<(FileKey, Entry)>>,
     next_key: FileKey,
     bufs: Vec<Vec<u8>>,
+    prefix_bufs: Vec<Vec<u8>>,
     discovered_once: bool,
     next_discovery: Instant,
     next_lag: Instant,
@@ -231,6 +233,7 @@ impl Tailer {
             restore,
             next_key,
             bufs: Vec::new(),
+            prefix_bufs: Vec::new(),
             discovered_once: false,
             next_discovery: now,
             next_lag: now,
@@ -537,6 +540,7 @@ impl Tailer {
             read_off: offset,
             acked_sent: offset,
             size: st.size,
+            mtime_ns: st.mtime_ns,
             framer: Framer::new(offset, src.cfg.max_line_bytes, src.multiline.clone()),
             orphan,
             interval: base,
@@ -575,7 +579,38 @@ impl Tailer {
         let left: Vec<(FileKey, Entry)> = self.restore.drain().flat_map(|(_, v)| v).collect();
         let volume_up = !self.discovery.roots().is_empty();
         let mut keep = Vec::new();
-        for (key, e) in left {
+        // Entries whose file still holds what they fingerprinted go first, so that an older
+        // entry for a reused inode never claims a file another entry resumes.
+        let mut later = Vec::new();
+        for pass in 0..2 {
+            let batch = if pass == 0 {
+                left.clone()
+            } else {
+                std::mem::take(&mut later)
+            };
+            for (key, e) in batch {
+                self.restore_one(key, e, pass, volume_up, now, &mut keep, &mut later);
+            }
+        }
+        for (key, e) in keep {
+            self.restore.entry(e.id.ino).or_default().push((key, e));
+        }
+    }
+
+    /// One leftover checkpoint entry (see `finish_restore`). In pass 0 an entry whose file
+    /// holds other content is put off to pass 1.
+    #[allow(clippy::too_many_arguments)] // the two lists are finish_restore's, passed through
+    fn restore_one(
+        &mut self,
+        key: FileKey,
+        e: Entry,
+        pass: usize,
+        volume_up: bool,
+        now: Instant,
+        keep: &mut Vec<(FileKey, Entry)>,
+        later: &mut Vec<(FileKey, Entry)>,
+    ) {
+        {
             let path = PathBuf::from(&e.path);
             let dir = path.parent().unwrap_or(Path::new("/"));
             let listing = match std::fs::read_dir(dir) {
@@ -584,7 +619,7 @@ impl Tailer {
                 Err(err) => {
                     tracing::warn!(path = %e.path, error = %err, "cannot look for a checkpointed file yet; keeping its entry");
                     keep.push((key, e));
-                    continue;
+                    return;
                 }
             };
             // The file under a rotated name: same inode, named after the old file, not excluded.
@@ -622,6 +657,7 @@ impl Tailer {
                     self.restore.entry(e.id.ino).or_default().push((key, e));
                     self.track(source, c.path, file, st, now, false, true);
                 }
+                Some(_) if pass == 0 => later.push((key, e)),
                 Some((c, file, st, source, false)) => {
                     // Same inode, other content: it was truncated (or replaced) and refilled,
                     // then rotated, all after the last checkpoint. Its content is unread.
@@ -635,9 +671,6 @@ impl Tailer {
                     self.builder.update(FileUpdate::Release { key });
                 }
             }
-        }
-        for (key, e) in keep {
-            self.restore.entry(e.id.ino).or_default().push((key, e));
         }
     }
 
@@ -724,20 +757,11 @@ impl Tailer {
             }
         };
         if st.size < f.read_off {
-            tracing::info!(path = %f.path.display(), offset = f.read_off, size = st.size, "file truncated; reading from 0");
-            self.events.truncation();
-            f.read_off = 0;
-            f.framer.reset(0);
-            f.prefix.clear();
-            f.id = FileId::new(f.dev, f.ino, &[]);
-            f.acked_sent = 0;
-            f.last_change = now;
-            self.builder.update(FileUpdate::Identity {
-                key: k,
-                id: f.id,
-                offset: Some(0),
-            });
+            self.restart_at_zero(k, now, "file truncated; reading from 0");
         }
+        let Some(f) = self.files.get_mut(&k) else {
+            return false;
+        };
         f.size = st.size;
         if !f.orphan {
             let replaced = match ps {
@@ -752,7 +776,34 @@ impl Tailer {
                 vacated.push(f.path.clone());
             }
         }
-        st.size > f.read_off
+        // Modified without growing: maybe truncated and refilled to the very same size; the
+        // read phase checks the first bytes (a zero-length read plus the fingerprint check).
+        let touched =
+            st.mtime_ns != f.mtime_ns && st.size == f.read_off && f.read_off > 0 && f.id.fp_len > 0;
+        f.mtime_ns = st.mtime_ns;
+        st.size > f.read_off || touched
+    }
+
+    /// The file was truncated (copytruncate): forget what was framed but not shipped, start
+    /// again at 0 under a new identity.
+    fn restart_at_zero(&mut self, k: FileKey, now: Instant, why: &'static str) {
+        let Some(f) = self.files.get_mut(&k) else {
+            return;
+        };
+        tracing::info!(path = %f.path.display(), offset = f.read_off, "{}", why);
+        self.events.truncation();
+        f.read_off = 0;
+        f.framer.reset(0);
+        f.prefix.clear();
+        f.id = FileId::new(f.dev, f.ino, &[]);
+        f.acked_sent = 0;
+        f.last_change = now;
+        f.next_due = now;
+        self.builder.update(FileUpdate::Identity {
+            key: k,
+            id: f.id,
+            offset: Some(0),
+        });
     }
 
     /// Reads a chunk of files that grew. Returns whether any filled its buffer.
@@ -760,29 +811,79 @@ impl Tailer {
         while self.bufs.len() < keys.len() {
             self.bufs.push(vec![0u8; READ_BUF]);
         }
+        while self.prefix_bufs.len() < keys.len() {
+            self.prefix_bufs.push(vec![0u8; FINGERPRINT_BYTES]);
+        }
         let mut bufs = std::mem::take(&mut self.bufs);
-        let results: Vec<Result<usize, Errno>> = {
-            let mut ops: Vec<ReadOp<'_>> = keys
-                .iter()
-                .zip(bufs.iter_mut())
-                .map(|(k, buf)| {
-                    let f = &self.files[k];
-                    let want = (f.size - f.read_off).min(buf.len() as u64) as usize;
-                    ReadOp {
-                        fd: f.file.as_raw_fd(),
-                        offset: f.read_off,
-                        buf: &mut buf[..want],
+        let mut prefix_bufs = std::mem::take(&mut self.prefix_bufs);
+        // With each read, the file's first bytes: a file truncated and refilled past our
+        // offset between two polls (copytruncate) has the same size story but another
+        // fingerprint. Batched with the read, so it costs no extra round trip.
+        let checks: Vec<bool> = keys
+            .iter()
+            .map(|k| {
+                let f = &self.files[k];
+                f.read_off > 0 && f.id.fp_len > 0
+            })
+            .collect();
+        let (results, prefix_ok): (Vec<Result<usize, Errno>>, Vec<bool>) = {
+            let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(2 * keys.len());
+            for (k, buf) in keys.iter().zip(bufs.iter_mut()) {
+                let f = &self.files[k];
+                let want = (f.size - f.read_off).min(buf.len() as u64) as usize;
+                ops.push(ReadOp {
+                    fd: f.file.as_raw_fd(),
+                    offset: f.read_off,
+                    buf: &mut buf[..want],
+                    result: Err(Errno::PENDING),
+                });
+            }
+            for ((k, buf), check) in keys.iter().zip(prefix_bufs.iter_mut()).zip(&checks) {
+                if *check {
+                    let fd = self.files[k].file.as_raw_fd();
+                    ops.push(ReadOp {
+                        fd,
+                        offset: 0,
+                        buf: &mut buf[..],
                         result: Err(Errno::PENDING),
-                    }
-                })
-                .collect();
+                    });
+                }
+            }
             self.backend.read_batch(&mut ops);
-            ops.into_iter().map(|o| o.result).collect()
+            let mut it = ops.into_iter();
+            let results: Vec<_> = it.by_ref().take(keys.len()).map(|o| o.result).collect();
+            let mut prefix_ok = Vec::with_capacity(keys.len());
+            for (k, check) in keys.iter().zip(&checks) {
+                if !*check {
+                    prefix_ok.push(true);
+                    continue;
+                }
+                let o = it.next().expect("one prefix op per checked file");
+                let f = &self.files[k];
+                prefix_ok.push(match o.result {
+                    Ok(n) => f.id.matches(f.dev, f.ino, &o.buf[..n]) != Match::No,
+                    Err(_) => true, // can't tell; the size check still guards
+                });
+            }
+            (results, prefix_ok)
         };
+        self.prefix_bufs = prefix_bufs;
+        for (k, ok) in keys.iter().zip(&prefix_ok) {
+            if !ok {
+                self.restart_at_zero(
+                    *k,
+                    now,
+                    "file was truncated and refilled (its first bytes changed); reading from 0",
+                );
+            }
+        }
         let mut more = false;
         let mut bytes = 0u64;
         let mut lines = 0u64;
-        for ((k, res), buf) in keys.iter().zip(results).zip(bufs.iter()) {
+        for (((k, res), buf), ok) in keys.iter().zip(results).zip(bufs.iter()).zip(prefix_ok) {
+            if !ok {
+                continue; // read at a stale offset; the file is due again from 0
+            }
             match res {
                 Ok(0) => {}
                 Ok(n) => {
@@ -824,9 +925,12 @@ impl Tailer {
             return 0;
         };
         let src = &self.sources[f.source];
-        // Grow the fingerprint while the file is still short of FINGERPRINT_BYTES.
-        if f.id.fingerprint_incomplete() && (f.read_off as usize) < FINGERPRINT_BYTES {
-            let have = f.read_off as usize;
+        // The fingerprint describes the bytes as read, never as first seen: a file may be
+        // truncated and refilled between being found and being read. Recomputed whenever the
+        // first bytes are read, grown while the file is short of FINGERPRINT_BYTES.
+        let have = f.read_off as usize;
+        if have < FINGERPRINT_BYTES && (have == 0 || f.id.fingerprint_incomplete()) {
+            f.prefix.truncate(have);
             if f.prefix.len() == have {
                 let take = (FINGERPRINT_BYTES - have).min(data.len());
                 f.prefix.extend_from_slice(&data[..take]);
@@ -880,7 +984,9 @@ impl Tailer {
             return;
         };
         let s = &self.sources[f.source].cfg;
-        if f.next_due <= now {
+        // A file with a backlog stays due: it is read again in the very next round.
+        let backlog = f.read_off < f.size;
+        if f.next_due <= now && !backlog {
             let grew = f.last_change == now;
             let cap = match self.opts.probe_poll_interval {
                 Some(p) => p.max(s.max_poll_interval.0),

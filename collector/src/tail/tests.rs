@@ -466,10 +466,13 @@ proptest! {
                 Action::Checkpoint => step(&mut h, true, &mut seen, &files),
                 Action::Crash => {
                     // After a restart a rotated file is found only through its checkpoint entry.
-                    for f in files.iter_mut() {
+                    // (It is looked for in its old directory, by inode: an entry for the same
+                    // inode number elsewhere is another file that had the number before.)
+                    for (i, f) in files.iter_mut().enumerate() {
+                        let p = path(i).display().to_string();
                         for l in f.lines.iter_mut() {
                             if let Some(ino) = l.away {
-                                if !h.persisted.iter().any(|e| e.id.ino == ino) {
+                                if !h.persisted.iter().any(|e| e.id.ino == ino && e.path == p) {
                                     l.must = Must::AtMostOnce;
                                 }
                             }
@@ -501,4 +504,72 @@ proptest! {
             }
         }
     }
+}
+
+/// Regression: a file truncated and refilled between being found and being read kept the
+/// fingerprint of the content first seen; after a restart it no longer matched and was read
+/// again (a duplicate).
+#[test]
+fn fingerprint_follows_the_bytes_read_not_first_seen() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod2/app.log");
+    append(&log, "f2-g0-s0\n");
+    let mut h = Harness::new(d.path(), "");
+    h.step(false);
+    std::fs::remove_file(&log).expect("rm");
+    append(&log, "f2-g1-s1\n");
+    h.step(false); // the new file is found (fingerprinted) but not read yet
+    OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .expect("open")
+        .set_len(0)
+        .expect("truncate");
+    h.step(false);
+    append(&log, "f2-g2-s2\n");
+    h.step(true);
+    h.crash();
+    h.step(true);
+    assert_eq!(h.messages(), vec!["f2-g0-s0", "f2-g2-s2"]);
+}
+
+#[test]
+fn gbk_files_are_decoded_to_utf8() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    let (gbk, _, _) = encoding_rs::GBK.encode("日志 第一行\n错误: 磁盘已满\n");
+    std::fs::create_dir_all(log.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&log, &gbk).expect("write");
+    let mut h = Harness::new(d.path(), "encoding = \"gbk\"\n");
+    h.step(true);
+    assert_eq!(h.messages(), vec!["日志 第一行", "错误: 磁盘已满"]);
+    assert_eq!(
+        h.delivered[1].offset, 12,
+        "offsets are byte offsets in the GBK file"
+    );
+}
+
+#[test]
+fn multiline_events_are_joined_and_offsets_kept() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    append(
+        &log,
+        "2026-01-01 boom\n  at a.rs:1\n  at b.rs:2\n2026-01-01 next\n",
+    );
+    let mut h = Harness::new(d.path(), "multiline.start_pattern = '^\\d{4}-'\n");
+    h.step(true);
+    assert_eq!(
+        h.messages(),
+        vec!["2026-01-01 boom\n  at a.rs:1\n  at b.rs:2"]
+    );
+    for _ in 0..4 {
+        h.step(true);
+    }
+    assert_eq!(
+        h.messages().len(),
+        2,
+        "the last event is flushed after flush_partial_after"
+    );
+    assert_eq!(h.delivered[1].offset, 40);
 }

@@ -1,0 +1,316 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * voltail write-event probe.
+ *
+ * On entry to write(2), writev(2), pwrite64(2), pwritev(2) and pwritev2(2) it resolves the
+ * fd to its inode (current->files->fdt->fd[fd]->f_inode) and remembers
+ * {dev, ino} for the thread when the inode is a regular file on a watched
+ * device and the writer is not the collector itself. On exit, when the call
+ * wrote at least one byte, it sends {dev, ino, bytes, pid, cgroup_id} to user
+ * space through a ring buffer. A full ring buffer drops the event and counts it
+ * in `lost`. A write whose file already has an unread event from the same
+ * process on the same CPU is folded into it (counted in `coalesced`): the
+ * daemon reads the whole file when that event arrives, so a second event would
+ * only cost ring-buffer space and wake-ups.
+ *
+ * Two attachment flavours share the same logic:
+ *   - classic tracepoints syscalls/sys_{enter,exit}_{write,writev,pwrite64,pwritev,pwritev2}
+ *     (need tracefs to look up their ids);
+ *   - tp_btf sys_enter/sys_exit (no tracefs; fire for every syscall, so they
+ *     filter by syscall number first). x86_64 only.
+ *
+ * `dev` is the kernel's internal dev_t (MAJOR << 20 | MINOR); user space
+ * converts it to the st_dev encoding. It is also the key of `watched_devs`.
+ *
+ * It does not see writes that bypass these syscalls: mmap stores, io_uring,
+ * sendfile/splice/copy_file_range, nor writes made on other machines.
+ */
+#include "vmlinux_min.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define S_IFMT 00170000
+#define S_IFREG 0100000
+
+/* Keep in step with `WriteEvent` in lib.rs (a Rust test checks the layout). */
+struct write_event {
+	__u64 dev;
+	__u64 ino;
+	__u64 bytes;
+	__u32 pid;
+	__u32 _pad;
+	__u64 cgroup_id;
+};
+
+struct pending {
+	__u64 dev;
+	__u64 ino;
+	__u64 valid;
+};
+
+/* Keep in step with `ProbeConfig` in lib.rs. */
+struct probe_config {
+	__u32 ignore_tgid;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+/* Kernel dev_t of the watched filesystems -> unused byte. Filled by user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+} watched_devs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct probe_config);
+} config SEC(".maps");
+
+/*
+ * Per thread: the file its write in flight goes to. Task-local storage rather
+ * than a hash keyed by thread id: a lookup is a pointer chase instead of a
+ * hash and lock, nothing needs deleting (exit clears `valid`), and the kernel
+ * frees it when the thread ends.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct pending);
+} pending SEC(".maps");
+
+/*
+ * Per CPU: the last event this CPU emitted, and where the ring buffer's producer
+ * stood just before it was reserved (<= the record's position). While the
+ * consumer has not passed that position the record is still unread, so another
+ * write to the same file by the same process adds nothing the daemon needs: the
+ * file is read after the unread event arrives, and so after this write too.
+ */
+struct last_emit {
+	__u64 dev;
+	__u64 ino;
+	__u64 pos;
+	__u32 tgid;
+	__u32 valid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct last_emit);
+} last_emit SEC(".maps");
+
+/* Writes folded into an unread event (see last_emit), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} coalesced SEC(".maps");
+
+/* Events dropped because the ring buffer was full, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+static __always_inline int on_enter(unsigned long fd)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+	__u32 zero = 0;
+
+	struct probe_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (cfg && cfg->ignore_tgid == tgid)
+		return 0;
+
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt)
+		return 0;
+	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
+	if (fd >= max_fds)
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+	if (bpf_core_read(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	struct inode *inode = BPF_CORE_READ(file, f_inode);
+	if (!inode)
+		return 0;
+	umode_t mode = BPF_CORE_READ(inode, i_mode);
+	if ((mode & S_IFMT) != S_IFREG)
+		return 0;
+	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	if (!bpf_map_lookup_elem(&watched_devs, &dev))
+		return 0;
+
+	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p)
+		return 0;
+	p->dev = dev;
+	p->ino = BPF_CORE_READ(inode, i_ino);
+	p->valid = 1;
+	return 0;
+}
+
+static __always_inline int on_exit(long ret)
+{
+	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0, 0);
+	if (!p || !p->valid)
+		return 0;
+	struct pending file = *p;
+	p->valid = 0;
+	if (ret <= 0)
+		return 0;
+
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	__u32 tgid = pid_tgid >> 32;
+	struct last_emit *last = bpf_map_lookup_elem(&last_emit, &zero);
+	if (last && last->valid && last->dev == file.dev && last->ino == file.ino &&
+	    last->tgid == tgid &&
+	    bpf_ringbuf_query(&events, BPF_RB_CONS_POS) <= last->pos) {
+		__u64 *n = bpf_map_lookup_elem(&coalesced, &zero);
+		if (n)
+			*n += 1; /* per-CPU slot: no other writer */
+		return 0;
+	}
+
+	__u64 pos = bpf_ringbuf_query(&events, BPF_RB_PROD_POS);
+	struct write_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+		if (n)
+			*n += 1;
+		return 0;
+	}
+	if (last) {
+		last->dev = file.dev;
+		last->ino = file.ino;
+		last->pos = pos;
+		last->tgid = tgid;
+		last->valid = 1;
+	}
+	e->dev = file.dev;
+	e->ino = file.ino;
+	e->bytes = ret;
+	e->pid = tgid;
+	e->_pad = 0;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* Classic syscall tracepoints: one program per syscall and direction. */
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int voltail_enter_write(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_writev")
+int voltail_enter_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_pwrite64")
+int voltail_enter_pwrite64(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_pwritev")
+int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0]);
+}
+
+/*
+ * The four exits share one program body: only `ret` matters, and the pending
+ * map already says whether the matching enter kept the file.
+ */
+/* pwritev2(2) is pwritev with flags (RWF_APPEND, RWF_DSYNC...); same fd argument. */
+SEC("tracepoint/syscalls/sys_enter_pwritev2")
+int voltail_enter_pwritev2(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_write")
+int voltail_exit_write(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_writev")
+int voltail_exit_writev(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_pwrite64")
+int voltail_exit_pwrite64(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_pwritev")
+int voltail_exit_pwritev(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_pwritev2")
+int voltail_exit_pwritev2(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+#if defined(__TARGET_ARCH_x86)
+/* x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl, a stable ABI). */
+#define NR_write 1
+#define NR_pwrite64 18
+#define NR_writev 20
+#define NR_pwritev 296
+#define NR_pwritev2 328
+
+/*
+ * tp_btf fallback: raw sys_enter(struct pt_regs *regs, long id) and
+ * sys_exit(struct pt_regs *regs, long ret). They run for every syscall, so the
+ * syscall number is checked first; the exit needs no number because the
+ * pending map holds an entry only while one of ours is in flight.
+ */
+SEC("tp_btf/sys_enter")
+int voltail_btf_enter(__u64 *ctx)
+{
+	long id = (long)ctx[1];
+	if (id != NR_write && id != NR_writev && id != NR_pwrite64 && id != NR_pwritev &&
+	    id != NR_pwritev2)
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)ctx[0];
+	return on_enter(BPF_CORE_READ(regs, di));
+}
+
+SEC("tp_btf/sys_exit")
+int voltail_btf_exit(__u64 *ctx)
+{
+	return on_exit((long)ctx[1]);
+}
+#endif

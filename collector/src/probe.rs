@@ -1,0 +1,416 @@
+//! The eBPF write probe in the daemon: loads it according to `probe = "auto" | "on" | "off"` and,
+//! on its own thread (`voltail-probe`), turns its write events into [`Hint::Write`]s for the
+//! tailer.
+//!
+//! [`spawn`] is the whole interface; [`ProbeHandle`] owns the drain thread. The kernel side and
+//! the loader live in the `voltail-ebpf` crate.
+//!
+//! What it deliberately does not do: decide what a hint means (the tailer makes the file due, or
+//! discovers an unknown inode's directory), or wait when the tailer is busy: a full hint channel
+//! drops the hint, because the safety poll catches up anyway. Within one drained batch it sends
+//! one hint per file, so a writer doing many small writes does not flood the channel.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use voltail_ebpf::{Attach, Probe, ProbeOptions};
+
+use crate::config::ProbeMode;
+use crate::tail::Hint;
+
+pub use voltail_ebpf::ProbeError;
+
+/// How long one wait on the ring buffer lasts; bounds how late the thread sees `stop`.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// How often the kernel's drop counters are read.
+const LOST_EVERY: Duration = Duration::from_secs(1);
+
+/// The running probe: owns the drain thread. [`ProbeHandle::stop`] ends and joins it; dropping
+/// the handle does the same.
+#[derive(Debug)]
+pub struct ProbeHandle {
+    thread: Option<JoinHandle<()>>,
+    /// Stops this thread only; the daemon-wide flag given to [`spawn`] stops it too.
+    own_stop: Arc<AtomicBool>,
+    /// New watched-device sets for the drain thread, which owns the probe.
+    devices: Sender<Vec<u64>>,
+    attach: Attach,
+}
+
+impl ProbeHandle {
+    /// Stops the drain thread and waits for it; the probe is detached when the thread ends.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Replaces the watched devices (`st_dev` values), e.g. when a root is mounted after
+    /// start-up. Applied by the drain thread within one poll (~100 ms); a failure is logged there.
+    pub fn set_devices(&self, devices: Vec<u64>) {
+        // A send fails only when the thread has ended, and then there is nothing to update.
+        let _ = self.devices.send(devices);
+    }
+
+    /// Whether the probe runs on the per-syscall tracepoints or on the `tp_btf` fallback.
+    pub fn attach_kind(&self) -> Attach {
+        self.attach
+    }
+
+    fn shutdown(&mut self) {
+        self.own_stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("probe drain thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts the probe for the watched `devices` (`st_dev` values of the watched mounts).
+///
+/// `Off` returns `Ok(None)` without trying. `Auto` returns `Ok(None)` with one `warn` line naming
+/// why when the probe cannot run. `On` returns that error, which fails start-up. The drain thread
+/// runs until `stop` is set or [`ProbeHandle::stop`] is called.
+pub fn spawn(
+    mode: ProbeMode,
+    devices: Vec<u64>,
+    hints: Sender<Hint>,
+    stop: Arc<AtomicBool>,
+) -> Result<Option<ProbeHandle>, ProbeError> {
+    if mode == ProbeMode::Off {
+        events::active(false);
+        return Ok(None);
+    }
+    let opts = ProbeOptions {
+        devices,
+        ignore_pid: std::process::id(),
+        ..ProbeOptions::default()
+    };
+    let started = Probe::load(&opts).and_then(|probe| {
+        let attach = probe.attach_kind();
+        let own_stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&own_stop);
+        let (devices_tx, devices_rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("voltail-probe".to_string())
+            .spawn(move || drain(probe, &hints, &devices_rx, &stop, &thread_stop))
+            .map_err(ProbeError::Thread)?;
+        Ok(ProbeHandle {
+            thread: Some(thread),
+            own_stop,
+            devices: devices_tx,
+            attach,
+        })
+    });
+    match started {
+        Ok(handle) => {
+            tracing::info!(
+                attach = ?handle.attach,
+                devices = opts.devices.len(),
+                "ebpf write probe running"
+            );
+            events::active(true);
+            Ok(Some(handle))
+        }
+        Err(e) if mode == ProbeMode::Auto => {
+            tracing::warn!(
+                reason = why(&e),
+                error = %error_chain(&e),
+                "ebpf write probe unavailable, polling only"
+            );
+            events::active(false);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The drain loop: wait, coalesce per file, hint, repeat until stopped.
+fn drain(
+    mut probe: Probe,
+    hints: &Sender<Hint>,
+    devices: &Receiver<Vec<u64>>,
+    stop: &AtomicBool,
+    own_stop: &AtomicBool,
+) {
+    let mut batch = Vec::with_capacity(4096);
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut failing = false;
+    let mut lost_read_at = Instant::now();
+    let metrics = crate::metrics::Events::new();
+    while !stop.load(Ordering::Relaxed) && !own_stop.load(Ordering::Relaxed) {
+        if let Some(set) = devices.try_iter().last() {
+            match probe.set_devices(&set) {
+                Ok(()) => tracing::info!(devices = set.len(), "probe watched devices updated"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "updating the probe's watched devices failed")
+                }
+            }
+        }
+        batch.clear();
+        if let Err(e) = probe.poll(POLL_TIMEOUT, &mut batch) {
+            // Log a run of failures once; sleep so a persistent one does not spin.
+            if !failing {
+                tracing::warn!(error = %error_chain(&e), "ebpf probe poll failed");
+                failing = true;
+            }
+            std::thread::sleep(POLL_TIMEOUT);
+            continue;
+        }
+        failing = false;
+        if !batch.is_empty() {
+            events::events(batch.len() as u64);
+            seen.clear();
+            let mut dropped = 0u64;
+            for event in &batch {
+                if !seen.insert((event.dev, event.ino)) {
+                    continue;
+                }
+                let hint = Hint::Write {
+                    dev: event.dev,
+                    ino: event.ino,
+                };
+                match hints.try_send(hint) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => dropped += 1,
+                    Err(TrySendError::Disconnected(_)) => {
+                        tracing::debug!("hint receiver gone, probe drain stops");
+                        events::active(false);
+                        return;
+                    }
+                }
+            }
+            if dropped > 0 {
+                tracing::trace!(dropped, "hint channel full, hints dropped");
+                for _ in 0..dropped {
+                    metrics.hint_dropped();
+                }
+            }
+        }
+        if lost_read_at.elapsed() >= LOST_EVERY {
+            lost_read_at = Instant::now();
+            match probe.lost() {
+                Ok(lost) => events::lost(lost),
+                Err(e) => {
+                    tracing::debug!(error = %error_chain(&e), "reading probe drop counters failed")
+                }
+            }
+        }
+    }
+    if let Ok(lost) = probe.lost() {
+        events::lost(lost);
+    }
+    events::active(false);
+}
+
+/// A short, stable name for why the probe cannot run, for the one `warn` line of `auto`.
+fn why(e: &ProbeError) -> &'static str {
+    match e {
+        ProbeError::NotCompiledIn => "not compiled in",
+        ProbeError::NoPrivilege(_) => "no privilege",
+        ProbeError::NoBtf { .. } => "no btf",
+        ProbeError::NoTracefs(_) => "no tracefs",
+        ProbeError::Load { .. } => "load error",
+        ProbeError::Attach { .. } => "attach error",
+        ProbeError::Map { .. } => "map error",
+        ProbeError::Thread(_) => "thread error",
+    }
+}
+
+/// The error and its sources, `: `-joined (the verifier log is in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+// ---- Metrics. Kept together so they can move into the metrics module's events interface. ----
+// `voltail_probe_wakeups_total` (reads the probe triggered) is counted by the tailer, and
+// `voltail_probe_hints_dropped_total` already goes through `metrics::Events::hint_dropped`.
+mod events {
+    /// `voltail_probe_active`: 1 while the probe runs.
+    pub(super) fn active(on: bool) {
+        metrics::gauge!("voltail_probe_active").set(if on { 1.0 } else { 0.0 });
+    }
+
+    /// `voltail_probe_events_total`: write events drained from the ring buffer.
+    pub(super) fn events(n: u64) {
+        metrics::counter!("voltail_probe_events_total").increment(n);
+    }
+
+    /// `voltail_probe_lost_total`: events the kernel dropped because the ring buffer was full.
+    pub(super) fn lost(total: u64) {
+        metrics::counter!("voltail_probe_lost_total").absolute(total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+
+    /// `Some(())` when the probe can run here; otherwise prints why, or panics under `CI=true`.
+    fn can_test(test: &str) -> Option<()> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let reason = if !voltail_ebpf::COMPILED_IN {
+            "the probe is compiled out (no clang at build time)"
+        } else if !root {
+            "not running as root"
+        } else {
+            return Some(());
+        };
+        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!in_ci, "{test}: cannot run under CI=true: {reason}");
+        let _ = writeln!(std::io::stderr(), "skipping {test}: {reason}");
+        None
+    }
+
+    #[test]
+    fn off_does_not_load() {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn(ProbeMode::Off, vec![1], tx, stop).expect("off never fails");
+        assert!(handle.is_none());
+    }
+
+    #[test]
+    fn on_without_the_object_fails_and_auto_falls_back() {
+        if voltail_ebpf::COMPILED_IN {
+            return;
+        }
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let err = spawn(ProbeMode::On, vec![], tx.clone(), Arc::clone(&stop))
+            .expect_err("on must fail without the object");
+        assert!(matches!(err, ProbeError::NotCompiledIn));
+        assert!(spawn(ProbeMode::Auto, vec![], tx, stop)
+            .expect("auto falls back")
+            .is_none());
+    }
+
+    #[test]
+    fn a_local_write_becomes_a_hint() {
+        if can_test("a_local_write_becomes_a_hint").is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pod.log");
+        std::fs::write(&path, b"").expect("create");
+        let meta = std::fs::metadata(&path).expect("stat");
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn(ProbeMode::On, vec![meta.dev()], tx, Arc::clone(&stop))
+            .expect("probe on")
+            .expect("a handle when on");
+
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf 'line\\n' >> '{}'", path.display()))
+            .status()
+            .expect("sh");
+        assert!(st.success());
+        let want = Hint::Write {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut got = false;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(h) if h == want => {
+                    got = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        assert!(got, "no hint {want:?} within 2 s");
+
+        let started = Instant::now();
+        handle.stop();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "stop took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !stop.load(Ordering::Relaxed),
+            "stop() must not stop the daemon"
+        );
+    }
+
+    #[test]
+    fn set_devices_starts_hints_for_a_device_added_later() {
+        if can_test("set_devices_starts_hints_for_a_device_added_later").is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("late.log");
+        std::fs::write(&path, b"").expect("create");
+        let meta = std::fs::metadata(&path).expect("stat");
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn(ProbeMode::On, vec![], tx, stop)
+            .expect("probe on")
+            .expect("a handle when on");
+        handle.set_devices(vec![meta.dev()]);
+        let want = Hint::Write {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        // The update lands within one poll; write until a hint arrives.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut got = false;
+        while !got && Instant::now() < deadline {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf 'x\\n' >> '{}'", path.display()))
+                .status()
+                .expect("sh");
+            assert!(st.success());
+            // Other processes write to the same device: look through every hint that comes.
+            while let Ok(h) = rx.recv_timeout(Duration::from_millis(200)) {
+                if h == want || Instant::now() >= deadline {
+                    got = h == want;
+                    break;
+                }
+            }
+        }
+        assert!(got, "no hint after the device was added");
+        handle.stop();
+    }
+
+    #[test]
+    fn the_daemon_stop_flag_ends_the_thread() {
+        if can_test("the_daemon_stop_flag_ends_the_thread").is_none() {
+            return;
+        }
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn(ProbeMode::Auto, vec![], tx, Arc::clone(&stop))
+            .expect("auto never fails")
+            .expect("probe runs as root with clang");
+        stop.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        handle.stop();
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
