@@ -79,4 +79,29 @@ podman run --rm -v "$REPO/deploy/kubernetes/components/collector-config:/etc/vol
   || die "voltail check in the image"
 podman run --rm --entrypoint /bin/ls localhost/voltail:dockerfile /etc/ssl/certs/ca-certificates.crt >/dev/null \
   || die "no CA certificates in the image"
+# The eBPF probe must be compiled in (clang + libbpf-dev in the build stage). Unprivileged,
+# `probe = "on"` must then fail for lack of privileges, not with "compiled out".
+mkdir -p "$WORK/probe-check"
+cat >"$WORK/probe-check/voltail.toml" <<'TOML'
+data_dir = "/tmp/voltail"
+probe = "on"
+[metrics]
+address = ""
+[[sources]]
+name = "none"
+include = ["/tmp/none/*.log"]
+[sink]
+type = "file"
+path = "/tmp/voltail/out"
+TOML
+probe_rc=0
+probe_out="$(timeout 30 podman run --rm -v "$WORK/probe-check:/etc/voltail:ro" localhost/voltail:dockerfile \
+  run --config /etc/voltail/voltail.toml 2>&1)" || probe_rc=$?
+if grep -qi 'compiled out\|not compiled in' <<<"$probe_out"; then
+  die "the eBPF probe is compiled out of the image: $(tail -3 <<<"$probe_out")"
+fi
+if [ "$probe_rc" = 0 ] || [ "$probe_rc" = 124 ] || ! grep -qi probe <<<"$probe_out"; then
+  die "unprivileged probe = \"on\" should refuse to start naming the probe (exit $probe_rc): $(tail -3 <<<"$probe_out")"
+fi
+say "probe compiled in; unprivileged probe = \"on\" says: $(grep -i probe <<<"$probe_out" | tail -1 | cut -c1-160)"
 say "PASS in $((SECONDS - start))s"
