@@ -15,6 +15,7 @@
 # and shellcheck with apt when missing. Exits non-zero naming every check that failed; the last
 # line reads "deploy-check: N passed, M failed".
 #
+# `check.sh --tools-only` installs the tools and stops (scripts/test.d/deploy.sh setup).
 # Environment: VOLTAIL_BIN (a voltail binary to use), VOLTAIL_DEPLOY_TOOLS (the venv, default
 # ~/.cache/voltail-deploy-tools), CARGO_TARGET_DIR (where to look for / build voltail).
 set -uo pipefail
@@ -63,6 +64,10 @@ if ! command -v shellcheck >/dev/null; then
     >"$OUT/apt.log" 2>&1 || { echo "FAIL apt-get install shellcheck"; cat "$OUT/apt.log"; exit 1; }
 fi
 export PATH="$TOOLS/bin:$PATH"
+if [ "${1:-}" = --tools-only ]; then
+  echo "tools ready in $TOOLS ($((SECONDS - start))s)"
+  exit 0
+fi
 echo "hadolint $(hadolint --version | awk '{print $NF}'), $(kubectl version --client | tr '\n' ' ')," \
      "kubernetes-validate $(kubernetes-validate --version), $(shellcheck --version | sed -n 2p)" \
      "($((SECONDS - start))s)"
@@ -88,7 +93,7 @@ run "hadolint deploy/Dockerfile" hadolint "$DEPLOY/Dockerfile"
 step "YAML and scripts"
 mapfile -t yamls < <(find "$DEPLOY" -name '*.yaml' -o -name '*.yml' | sort)
 run "yamllint (${#yamls[@]} files)" yamllint -s -c "$DEPLOY/.yamllint.yaml" "${yamls[@]}"
-mapfile -t scripts < <(find "$DEPLOY" "$REPO/tests/deploy" -name '*.sh' 2>/dev/null | sort)
+mapfile -t scripts < <(find "$DEPLOY" "$REPO/tests/deploy" "$REPO/scripts/test.d/deploy.sh" -name '*.sh' 2>/dev/null | sort)
 run "shellcheck (${#scripts[@]} scripts)" shellcheck "${scripts[@]}"
 run "JSON schemas and dashboard parse" python3 -c '
 import json, sys

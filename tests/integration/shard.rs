@@ -18,28 +18,6 @@ use voltail::discovery::in_shard;
 
 const PODS: usize = 12;
 
-/// The `voltail` binary of this workspace, built if needed (the tests crate can't name another
-/// package's binary through `CARGO_BIN_EXE_*`).
-fn voltail_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/integration-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary is not in target/<profile>/deps")?;
-    let bin = profile_dir.join("voltail");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "-q", "-p", "voltail"]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().context("running cargo build -p voltail")?;
-    ensure!(status.success(), "cargo build -p voltail failed");
-    ensure!(bin.exists(), "{} missing after cargo build", bin.display());
-    Ok(bin)
-}
-
 fn pod_dir(logs: &Path, i: usize) -> PathBuf {
     logs.join(format!("voltail_writer-{i}_10.0.0.{i}_192.0.2.1_node-a"))
 }
@@ -195,7 +173,7 @@ fn delivered(root: &Path) -> Result<HashMap<(usize, u64), u32>> {
 
 #[test]
 fn growing_from_two_to_three_shards_delivers_every_line_exactly_once() -> Result<()> {
-    let bin = voltail_bin()?;
+    let bin = voltail_tests::voltail_bin();
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     let logs = root.join("logs/nginx");
