@@ -76,8 +76,9 @@ step "voltail binary"
 VOLTAIL="${VOLTAIL_BIN:-}"
 if [ -z "$VOLTAIL" ]; then
   TARGET="${CARGO_TARGET_DIR:-$REPO/target}"
+  # the newer of the two: a stale release build must not judge today's config
   for p in "$TARGET/release/voltail" "$TARGET/debug/voltail"; do
-    if [ -x "$p" ]; then VOLTAIL="$p"; break; fi
+    if [ -x "$p" ] && { [ -z "$VOLTAIL" ] || [ "$p" -nt "$VOLTAIL" ]; }; then VOLTAIL="$p"; fi
   done
 fi
 if [ -z "$VOLTAIL" ]; then

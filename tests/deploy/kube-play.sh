@@ -10,13 +10,18 @@
 # What podman 4.3 cannot play as rendered (downward API, subPath, replicas, probes) is
 # translated by kube_play_transform.py the way the kubelet would; see its docstring.
 #
-# Needs root. First run: ~2-3 min (apt, debootstrap, cargo build); then ~1.5 min.
-# Environment: VOLTAIL_KP_WORK (default /var/tmp/voltail-kube-play), KEEP=1 keeps the pods.
+# OVERLAY=demo-privileged plays the privileged variant and also checks that the eBPF probe
+# loaded and saw the writers (they run on the same "node").
+#
+# Needs root. ~30 s once the images exist; the first run adds debootstrap (~75 s) and a release
+# build. Environment: OVERLAY (default demo), VOLTAIL_KP_WORK (default
+# /var/tmp/voltail-kube-play), KEEP=1 keeps the pods, RUN_SECS (default 20) of writing.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WORK="${VOLTAIL_KP_WORK:-/var/tmp/voltail-kube-play}"
 RUN_SECS="${RUN_SECS:-20}"
+OVERLAY="${OVERLAY:-demo}"
 start=$SECONDS
 say() { printf '[kube-play %3ss] %s\n' "$((SECONDS - start))" "$*"; }
 die() { say "FAIL: $*"; exit 1; }
@@ -77,9 +82,9 @@ if [ -z "$kubectl_bin" ] || ! "$kubectl_bin" kustomize --help >/dev/null 2>&1; t
 fi
 podman pod rm -f -a >/dev/null 2>&1 || true
 rm -rf "$WORK/volumes" "$WORK/configmaps"
-"$kubectl_bin" kustomize "$REPO/deploy/kubernetes/overlays/demo" >"$WORK/rendered.yaml"
+"$kubectl_bin" kustomize "$REPO/deploy/kubernetes/overlays/$OVERLAY" >"$WORK/rendered.yaml"
 python3 "$REPO/tests/deploy/kube_play_transform.py" "$WORK/rendered.yaml" "$WORK" >"$WORK/play.yaml"
-say "rendered overlays/demo -> $(grep -c '^kind: Pod' "$WORK/play.yaml") pods in $WORK/play.yaml"
+say "rendered overlays/$OVERLAY -> $(grep -c '^kind: Pod' "$WORK/play.yaml") pods in $WORK/play.yaml"
 
 cleanup() {
   if [ "${KEEP:-0}" != 1 ]; then podman pod rm -f -a >/dev/null 2>&1 || true; fi
@@ -102,6 +107,14 @@ sleep "$RUN_SECS"
 watched="$(metric voltail_files_watched)"
 [ "${watched%.*}" = 4 ] || die "voltail_files_watched is '$watched', want 4"
 say "voltail_files_watched $watched, voltail_read_lines_total $(metric voltail_read_lines_total)"
+
+if [ "$OVERLAY" = demo-privileged ]; then
+  active="$(metric voltail_probe_active)"
+  events="$(metric voltail_probe_events_total)"
+  say "voltail_probe_active ${active:-absent}, voltail_probe_events_total ${events:-absent}"
+  [ "${active%.*}" = 1 ] || die "the probe is not active in the privileged variant"
+  [ "${events%.*}" -gt 0 ] 2>/dev/null || die "the probe saw no writes from the local writers"
+fi
 
 podman exec voltail-0-voltail voltail checkpoint --config /etc/voltail/voltail.toml >"$WORK/checkpoint.txt"
 sed 's/^/    /' "$WORK/checkpoint.txt"
