@@ -11,7 +11,8 @@
 # translated by kube_play_transform.py the way the kubelet would; see its docstring.
 #
 # OVERLAY=demo-privileged plays the privileged variant and also checks that the eBPF probe
-# loaded and saw the writers (they run on the same "node").
+# loaded and saw the writers (they run on the same "node"); OVERLAY=sharded plays the
+# StatefulSet of 3 collectors and checks that they split the 4 directories between them.
 #
 # Needs root. ~30 s once the images exist; the first run adds debootstrap (~75 s) and a release
 # build. Environment: OVERLAY (default demo), VOLTAIL_KP_WORK (default
@@ -93,49 +94,64 @@ trap cleanup EXIT
 podman kube play "$WORK/play.yaml" >"$WORK/play.log" 2>&1 || { cat "$WORK/play.log"; die "podman kube play"; }
 say "podman kube play: $(podman pod ps --format '{{.Name}}={{.Status}}' | sort | tr '\n' ' ')"
 
-# The metrics port is reached from inside the collector pod's own network namespace, on its
-# loopback: no port publishing, no traffic off this machine.
-cpid="$(podman inspect -f '{{.State.Pid}}' voltail-0-voltail)"
-http() { nsenter -t "$cpid" -n curl -s -o "$WORK/http.out" -w '%{http_code}' "http://127.0.0.1:9464$1"; }
-metric() { nsenter -t "$cpid" -n curl -s http://127.0.0.1:9464/metrics | awk -v m="$1" '$1==m {print $2}' | head -1; }
+# Collector pods: voltail-0 (Deployment), or voltail-0..N-1 (overlays/sharded's StatefulSet).
+mapfile -t collectors < <(podman pod ps --format '{{.Name}}' | grep -E '^voltail-[0-9]+$' | sort)
+[ "${#collectors[@]}" -gt 0 ] || die "no collector pod"
 
-for _ in $(seq 60); do [ "$(http /ready 2>/dev/null)" = 200 ] && break; sleep 1; done
-[ "$(http /ready)" = 200 ] || { podman logs voltail-0-voltail | tail -20; die "/ready never answered 200"; }
-[ "$(http /health)" = 200 ] || die "/health: $(cat "$WORK/http.out")"
-say "/health 200 $(cat "$WORK/http.out"); /ready 200"
+# The metrics port is reached from inside each collector pod's own network namespace, on its
+# loopback: no port publishing, no traffic off this machine.
+pid_of() { podman inspect -f '{{.State.Pid}}' "$1-voltail"; }
+http() { nsenter -t "$(pid_of "$1")" -n curl -s -o "$WORK/http.out" -w '%{http_code}' "http://127.0.0.1:9464$2"; }
+metric() { nsenter -t "$(pid_of "$1")" -n curl -s http://127.0.0.1:9464/metrics | awk -v m="$2" '$1==m {print $2}' | head -1; }
+lag_of() { nsenter -t "$(pid_of "$1")" -n curl -s http://127.0.0.1:9464/metrics | awk '$1 ~ /^voltail_lag_bytes/ {s+=$2} END {print s+0}'; }
+
+for c in "${collectors[@]}"; do
+  for _ in $(seq 60); do [ "$(http "$c" /ready 2>/dev/null)" = 200 ] && break; sleep 1; done
+  [ "$(http "$c" /ready)" = 200 ] || { podman logs "$c-voltail" | tail -20; die "$c: /ready never answered 200"; }
+  [ "$(http "$c" /health)" = 200 ] || die "$c: /health: $(cat "$WORK/http.out")"
+  say "$c: /health 200 $(cat "$WORK/http.out"); /ready 200"
+done
 sleep "$RUN_SECS"
-watched="$(metric voltail_files_watched)"
-[ "${watched%.*}" = 4 ] || die "voltail_files_watched is '$watched', want 4"
-say "voltail_files_watched $watched, voltail_read_lines_total $(metric voltail_read_lines_total)"
+watched=0
+for c in "${collectors[@]}"; do
+  w="$(metric "$c" voltail_files_watched)"
+  say "$c: voltail_files_watched ${w:-absent}, voltail_read_lines_total $(metric "$c" voltail_read_lines_total)"
+  watched=$((watched + ${w%.*}))
+done
+[ "$watched" = 4 ] || die "the collectors watch $watched files in all, want 4 (each exactly once)"
 
 if [ "$OVERLAY" = demo-privileged ]; then
-  active="$(metric voltail_probe_active)"
-  events="$(metric voltail_probe_events_total)"
+  active="$(metric voltail-0 voltail_probe_active)"
+  events="$(metric voltail-0 voltail_probe_events_total)"
   say "voltail_probe_active ${active:-absent}, voltail_probe_events_total ${events:-absent}"
   [ "${active%.*}" = 1 ] || die "the probe is not active in the privileged variant"
   [ "${events%.*}" -gt 0 ] 2>/dev/null || die "the probe saw no writes from the local writers"
 fi
 
-podman exec voltail-0-voltail voltail checkpoint --config /etc/voltail/voltail.toml >"$WORK/checkpoint.txt"
+: >"$WORK/checkpoint.txt"
+for c in "${collectors[@]}"; do
+  podman exec "$c-voltail" voltail checkpoint --config /etc/voltail/voltail.toml >>"$WORK/checkpoint.txt"
+done
 sed 's/^/    /' "$WORK/checkpoint.txt"
-[ "$(grep -c '/access.log' "$WORK/checkpoint.txt")" = 4 ] || die "voltail checkpoint does not list 4 files"
+[ "$(grep -c '/access.log' "$WORK/checkpoint.txt")" = 4 ] || die "voltail checkpoint does not list 4 files in all"
 
 say "stopping the writers"
 for i in 0 1 2 3; do podman pod stop -t 10 "nginx-writer-$i" >/dev/null; done
-for _ in $(seq 60); do
-  lag="$(nsenter -t "$cpid" -n curl -s http://127.0.0.1:9464/metrics | awk '$1 ~ /^voltail_lag_bytes/ {s+=$2} END {print s+0}')"
-  [ "$lag" = 0 ] && break; sleep 1
+for c in "${collectors[@]}"; do
+  for _ in $(seq 60); do lag="$(lag_of "$c")"; [ "$lag" = 0 ] && break; sleep 1; done
+  say "$c: lag $lag; stopping it (SIGTERM, grace 45s)"
+  t0=$SECONDS
+  podman pod stop -t 45 "$c" >/dev/null
+  code="$(podman inspect -f '{{.State.ExitCode}}' "$c-voltail")"
+  say "$c exited $code after $((SECONDS - t0))s"
+  podman logs "$c-voltail" 2>&1 | tail -2 | sed 's/^/    /'
+  [ "$code" = 0 ] || die "$c exit code $code"
 done
-say "lag $lag; stopping the collector (SIGTERM, grace 45s)"
-t0=$SECONDS
-podman pod stop -t 45 voltail-0 >/dev/null
-code="$(podman inspect -f '{{.State.ExitCode}}' voltail-0-voltail)"
-say "collector exited $code after $((SECONDS - t0))s"
-podman logs voltail-0-voltail 2>&1 | tail -5 | sed 's/^/    /'
-[ "$code" = 0 ] || die "collector exit code $code"
 
 # Exactly once: every line in the writers' files is one event in the sink, tagged from its path.
-for seg in "$WORK"/volumes/shared-logs/voltail-checkpoint/out/*; do
+for seg in "$WORK"/volumes/shared-logs/voltail-checkpoint/out/* \
+           "$WORK"/volumes/shared-logs/voltail-checkpoint/*/out/*; do
+  [ -f "$seg" ] || continue
   case "$seg" in *.zst) zstd -dcq "$seg" ;; *) cat "$seg" ;; esac
 done >"$WORK/delivered.ndjson"
 python3 - "$WORK/volumes/shared-logs/nginx" "$WORK/delivered.ndjson" <<'PY' || die "delivered events do not match the written lines"

@@ -9,13 +9,14 @@ docs/operations.md, "Trying the manifests with podman kube play"):
   - refuses fieldRef env other than metadata.name/metadata.uid ("fieldPath metadata.namespace
     is either not valid or not supported"), so the downward API is resolved here;
   - ignores subPath and subPathExpr on a PVC volume (the whole volume is mounted);
-  - turns httpGet probes into healthchecks that run curl inside the image.
+  - turns httpGet probes into healthchecks that run curl inside the image;
+  - publishes every containerPort on the host, hostPort or not.
 So, doing what the kubelet would do: every Deployment becomes `replicas` Pods named
 <deployment>-<i>; env fieldRefs and $(VAR) references are resolved; the claim becomes a host
 directory WORKDIR/volumes/<claim> (the NAS export), and each subPath/subPathExpr mount a
 hostPath of its subdirectory (created, owned by uid 65532 like a provisioner's 0777 export);
-ConfigMaps become host directories mounted read-only; probes are dropped (the script checks
-/health and /ready itself); the demo writers use the host network so that status.podIP is the
+ConfigMaps become host directories mounted read-only; probes and ports are dropped (the
+script checks /health, /ready and /metrics from inside each pod's network namespace); the demo writers use the host network so that status.podIP is the
 node IP, as for hostNetwork pods. Services, ServiceMonitors, PrometheusRules and Namespaces are
 left out (nothing serves them here). Everything else (securityContext, resources, args, ports,
 terminationGracePeriodSeconds) is passed through as rendered.
@@ -76,6 +77,9 @@ def main():
                 c["args"] = [expand(a, env) for a in c.get("args", [])]
                 c.pop("livenessProbe", None)
                 c.pop("readinessProbe", None)
+                # podman 4.3 publishes a containerPort on the host even without hostPort
+                # (three collectors then collide on :9464); nothing outside the pod needs it.
+                c.pop("ports", None)
                 for m in c.get("volumeMounts", []):
                     v = vols[m["name"]]
                     if "persistentVolumeClaim" in v:
