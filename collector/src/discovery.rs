@@ -322,6 +322,25 @@ impl Discovery {
         }
     }
 
+    /// Whether the walk goes into `p`: a directory, or a symlink to a directory inside the
+    /// roots not visited yet in this pass (symlink loops end here).
+    fn descends(
+        &mut self,
+        p: &Path,
+        kind: Kind,
+        events: &Events,
+        visited: &mut HashSet<PathBuf>,
+    ) -> bool {
+        match kind {
+            Kind::Dir => true,
+            Kind::Symlink => match self.resolve_symlink(p, events) {
+                Some(t) => t.is_dir() && visited.insert(t),
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
     fn list(&mut self, dir: &Path, full: bool) -> Vec<(OsString, Kind)> {
         let mtime = std::fs::metadata(dir)
             .map(|m| m.mtime() * 1_000_000_000 + m.mtime_nsec())
@@ -438,15 +457,7 @@ impl Discovery {
                 live_dirs.insert(dir.to_path_buf());
                 for (name, kind) in self.list(dir, full) {
                     let p = dir.join(&name);
-                    let is_dir = match kind {
-                        Kind::Dir => true,
-                        Kind::Symlink => match self.resolve_symlink(&p, events) {
-                            Some(t) => t.is_dir() && visited.insert(t),
-                            None => false,
-                        },
-                        _ => false,
-                    };
-                    if is_dir {
+                    if self.descends(&p, kind, events, visited) {
                         self.walk(
                             si,
                             pi,
@@ -499,15 +510,7 @@ impl Discovery {
             }
             return;
         }
-        let descend = match kind {
-            Kind::Dir => true,
-            Kind::Symlink => match self.resolve_symlink(p, events) {
-                Some(t) => t.is_dir() && visited.insert(t),
-                None => false,
-            },
-            _ => false,
-        };
-        if descend {
+        if self.descends(p, kind, events, visited) {
             self.walk(
                 si,
                 pi,

@@ -8,26 +8,35 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-/// What to generate.
-#[derive(Debug, Clone)]
+/// What to generate (also the arguments of `voltail generate`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateOptions {
     /// Root of the shared volume; pods go to `<dir>/<app>/<ns>_<pod>_<podIP>_<nodeIP>_<node>/`.
+    #[arg(long, default_value = ".")]
     pub dir: PathBuf,
     /// Write into this one directory instead (a pod writing its own `subPathExpr` directory).
+    #[arg(long)]
     pub pod_dir: Option<PathBuf>,
     /// Number of pods.
+    #[arg(long, default_value_t = 8)]
     pub pods: usize,
     /// Lines per second per pod (0: as fast as possible).
+    #[arg(long, default_value_t = 10)]
     pub rate: u64,
     /// Stop after this many lines per pod (0: run until stopped).
+    #[arg(long, default_value_t = 0)]
     pub lines: u64,
     /// App name (the first directory level).
+    #[arg(long, default_value = "nginx")]
     pub app: String,
     /// File name in each pod directory.
+    #[arg(long, default_value = "access.log")]
     pub file: String,
     /// Rotate (rename to `<file>.1`) when a file exceeds this many bytes (0: never).
+    #[arg(long, default_value_t = 0)]
     pub rotate_bytes: u64,
     /// Random seed.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
 

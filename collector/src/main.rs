@@ -51,35 +51,7 @@ enum Cmd {
         count: u32,
     },
     /// Write nginx-like lines into pod-style directories (demo and load).
-    Generate {
-        /// Root of the shared volume.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Write into this one directory instead (a pod's own subPathExpr directory).
-        #[arg(long)]
-        pod_dir: Option<PathBuf>,
-        /// Number of pod directories.
-        #[arg(long, default_value_t = 8)]
-        pods: usize,
-        /// Lines per second per pod (0: as fast as possible).
-        #[arg(long, default_value_t = 10)]
-        rate: u64,
-        /// Stop after this many lines per pod (0: until stopped).
-        #[arg(long, default_value_t = 0)]
-        lines: u64,
-        /// App name: the first directory level.
-        #[arg(long, default_value = "nginx")]
-        app: String,
-        /// Log file name in each pod directory.
-        #[arg(long, default_value = "access.log")]
-        file: String,
-        /// Rename-rotate each file past this many bytes (0: never).
-        #[arg(long, default_value_t = 0)]
-        rotate_bytes: u64,
-        /// Random seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    Generate(voltail::generate::GenerateOptions),
 }
 
 fn init_logging() {
@@ -167,29 +139,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Generate {
-            dir,
-            pod_dir,
-            pods,
-            rate,
-            lines,
-            app,
-            file,
-            rotate_bytes,
-            seed,
-        } => {
+        Cmd::Generate(o) => {
             let stop = stop_flag()?;
-            let o = voltail::generate::GenerateOptions {
-                dir,
-                pod_dir,
-                pods,
-                rate,
-                lines,
-                app,
-                file,
-                rotate_bytes,
-                seed,
-            };
             let n = voltail::generate::run(&o, &stop)?;
             eprintln!("voltail generate: {n} lines written");
             Ok(ExitCode::SUCCESS)
