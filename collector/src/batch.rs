@@ -169,30 +169,53 @@ static ESCAPE: [u8; 256] = {
     t
 };
 
+/// Whether any byte of `w` needs escaping: below 0x20, `"` or `\`. Word-at-a-time (SWAR):
+/// most of a log line needs nothing, and this skips it eight bytes per step.
+#[inline]
+fn word_needs_escape(w: u64) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
+    let below_space = w.wrapping_sub(LO * 0x20) & !w & HI;
+    (below_space | has_zero(w ^ (LO * b'"' as u64)) | has_zero(w ^ (LO * b'\\' as u64))) != 0
+}
+
 /// Appends `s` (valid UTF-8) to `out` escaped as the inside of a JSON string.
 pub fn escape_json(s: &[u8], out: &mut Vec<u8>) {
     out.reserve(s.len() + 2);
     let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
-        let e = ESCAPE[b as usize];
-        if e == 0 {
-            continue;
+    let mut i = 0;
+    while i < s.len() {
+        if i + 8 <= s.len() {
+            let w = u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+            if !word_needs_escape(w) {
+                i += 8;
+                continue;
+            }
         }
-        out.extend_from_slice(&s[start..i]);
-        if e == b'u' {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 15) as usize],
-            ]);
-        } else {
-            out.extend_from_slice(&[b'\\', e]);
+        let end = (i + 8).min(s.len());
+        while i < end {
+            let b = s[i];
+            let e = ESCAPE[b as usize];
+            if e != 0 {
+                out.extend_from_slice(&s[start..i]);
+                if e == b'u' {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(&[
+                        b'\\',
+                        b'u',
+                        b'0',
+                        b'0',
+                        HEX[(b >> 4) as usize],
+                        HEX[(b & 15) as usize],
+                    ]);
+                } else {
+                    out.extend_from_slice(&[b'\\', e]);
+                }
+                start = i + 1;
+            }
+            i += 1;
         }
-        start = i + 1;
     }
     out.extend_from_slice(&s[start..]);
 }
@@ -488,6 +511,30 @@ mod tests {
             s,
             "{\"timestamp\":\"1970-01-01T00:00:01.500Z\",\"message\":\"tab\\there \\\"quoted\\\" back\\\\slash \\u0001 ünï\",\"source\":\"nginx\",\"file\":\"/var/log/a \\\"q\\\"/access.log\",\"offset\":42,\"tags\":{\"pod\":\"p-1\",\"ns\":\"default\"}}\n"
         );
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time escape equals the obvious byte-by-byte one.
+        #[test]
+        fn escape_matches_bytewise(s in ".{0,64}") {
+            let mut fast = Vec::new();
+            escape_json(s.as_bytes(), &mut fast);
+            let mut slow = Vec::new();
+            for c in s.chars() {
+                match c {
+                    '"' => slow.extend_from_slice(b"\\\""),
+                    '\\' => slow.extend_from_slice(b"\\\\"),
+                    '\n' => slow.extend_from_slice(b"\\n"),
+                    '\r' => slow.extend_from_slice(b"\\r"),
+                    '\t' => slow.extend_from_slice(b"\\t"),
+                    '\u{8}' => slow.extend_from_slice(b"\\b"),
+                    '\u{c}' => slow.extend_from_slice(b"\\f"),
+                    c if (c as u32) < 0x20 => slow.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes()),
+                    c => slow.extend_from_slice(c.to_string().as_bytes()),
+                }
+            }
+            proptest::prop_assert_eq!(fast, slow);
+        }
     }
 
     #[test]

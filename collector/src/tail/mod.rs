@@ -23,6 +23,11 @@
 
 pub mod backend;
 pub mod pread;
+pub mod select;
+pub mod uring;
+
+#[cfg(test)]
+mod conformance;
 
 use std::collections::HashMap;
 use std::ffi::CString;
