@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod framing;
 pub mod generate;
+pub mod handover;
 pub mod identity;
 pub mod lag;
 pub mod lock;

@@ -40,6 +40,16 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Shard hand-over: re-deal the checkpoints of all sharded replicas for a new count.
+    /// Every replica must be stopped (docs/operations.md, "Growing N").
+    Reshard {
+        /// The directory holding one data_dir per replica (`voltail-0`, `voltail-1`, ...).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new number of replicas.
+        #[arg(long)]
+        count: u32,
+    },
     /// Write nginx-like lines into pod-style directories (demo and load).
     Generate(voltail::generate::GenerateOptions),
 }
@@ -108,6 +118,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Checkpoint { config } => {
             let cfg = Config::load(&config)?;
             voltail::report::print_checkpoint(&cfg, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Reshard { dir, count } => {
+            let r = voltail::handover::reshard(&dir, count)?;
+            for (d, why) in &r.skipped {
+                eprintln!(
+                    "voltail: {}: checkpoint unreadable ({why}); its files are read again",
+                    d.display()
+                );
+            }
+            for (d, n) in &r.per_replica {
+                println!("{}\t{n} files", d.display());
+            }
+            eprintln!(
+                "voltail reshard: {} files from {} checkpoints dealt to {count} replicas ({} stale entries dropped)",
+                r.files,
+                r.peers.len(),
+                r.stale
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Generate(o) => {

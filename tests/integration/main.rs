@@ -3,5 +3,6 @@
 mod collector;
 mod faults;
 mod probe;
+mod shard;
 mod sinks;
 mod soak;
