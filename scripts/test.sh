@@ -16,6 +16,10 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "test.sh: missing packages ${need[*]} (run as root to install them)" >&2
   fi
 fi
+# The sinks' tests: cmake and curl headers for librdkafka, Debian's ClickHouse server.
+if [ "$(id -u)" = 0 ]; then
+  bash tests/scripts/sink-deps.sh
+fi
 for extra in scripts/test.d/*.sh; do
   [ -e "$extra" ] && { echo "== $extra (setup)"; bash "$extra" setup; }
 done

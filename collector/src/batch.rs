@@ -31,8 +31,8 @@ pub struct FileMeta {
     pub path: String,
     /// Named groups of the source's `path_tags`, in pattern order.
     pub tags: Vec<(String, String)>,
-    /// Fingerprint of the file's first bytes (0 until it is long enough); with the offset it
-    /// makes a stable event id.
+    /// The file's identity hash (`FileId::event_base`: fingerprint of the first bytes mixed
+    /// with the inode); with the offset it makes a stable event id.
     pub fingerprint: u64,
     json_mid: Box<[u8]>,
     json_tail: Box<[u8]>,

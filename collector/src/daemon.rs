@@ -243,7 +243,8 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         restore,
         opts: TailerOptions {
             first_start: loaded.outcome == LoadOutcome::Fresh,
-            probe_poll_interval: None,
+            probe_poll_interval: probe.as_ref().map(|_| cfg.probe_poll_interval.0),
+            shard: cfg.shard(),
         },
     });
     ctx.health.set(Status::Running);

@@ -57,6 +57,16 @@ impl FileId {
         }
     }
 
+    /// The base of this file's stable event ids: the fingerprint mixed with the inode, so that
+    /// two files with the same first bytes (copies, identical content) never share ids, while
+    /// ids survive restarts and remounts (the device number is left out: it changes).
+    pub fn event_base(&self) -> u64 {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.fp.to_le_bytes());
+        b[8..].copy_from_slice(&self.ino.to_le_bytes());
+        xxhash_rust::xxh3::xxh3_64(&b)
+    }
+
     /// Whether the fingerprint can still grow (the file was shorter than the full prefix).
     pub fn fingerprint_incomplete(&self) -> bool {
         (self.fp_len as usize) < FINGERPRINT_BYTES
@@ -123,6 +133,17 @@ mod tests {
             id.matches(1, 42, b"first"),
             Match::No,
             "shrunk below the fingerprint"
+        );
+    }
+
+    #[test]
+    fn event_ids_differ_for_identical_files_and_ignore_the_device() {
+        let a = FileId::new(1, 10, b"same first line\n");
+        let b = FileId::new(1, 11, b"same first line\n");
+        assert_ne!(a.event_base(), b.event_base());
+        assert_eq!(
+            a.event_base(),
+            FileId::new(99, 10, b"same first line\n").event_base()
         );
     }
 

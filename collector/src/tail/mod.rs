@@ -144,6 +144,8 @@ pub struct TailerOptions {
     pub first_start: bool,
     /// The eBPF probe is watching local writers: idle files may back off further.
     pub probe_poll_interval: Option<Duration>,
+    /// This replica's share of the pod directories.
+    pub shard: Option<crate::config::Shard>,
 }
 
 /// The reader loop.
@@ -157,6 +159,7 @@ pub struct Tailer {
     events: Events,
     lag: Arc<LagBoard>,
     opts: TailerOptions,
+    shard: Option<crate::config::Shard>,
     files: HashMap<FileKey, Tracked>,
     by_path: HashMap<PathBuf, FileKey>,
     by_ino: HashMap<(u64, u64), FileKey>,
@@ -234,6 +237,7 @@ impl Tailer {
             hints: p.hints,
             events: p.events,
             lag: p.lag,
+            shard: p.opts.shard,
             opts: p.opts,
             files: HashMap::new(),
             by_path: HashMap::new(),
@@ -469,7 +473,13 @@ impl Tailer {
         f.path = path.to_path_buf();
         f.cpath = cstring(path);
         f.orphan = false;
-        f.meta = meta_for(&self.sources[f.source], k, path, f.id.fp, &self.events);
+        f.meta = meta_for(
+            &self.sources[f.source],
+            k,
+            path,
+            f.id.event_base(),
+            &self.events,
+        );
         self.by_path.insert(path.to_path_buf(), k);
         self.builder.update(FileUpdate::Rename {
             key: k,
@@ -519,7 +529,7 @@ impl Tailer {
         };
         let id = FileId::new(st.dev, st.ino, &prefix);
         let src = &self.sources[source];
-        let meta = meta_for(src, key, &path, id.fp, &self.events);
+        let meta = meta_for(src, key, &path, id.event_base(), &self.events);
         tracing::info!(path = %path.display(), source = %src.name, offset, id = %id,
             resumed = resumed.is_some(), "tracking file");
         self.builder.update(FileUpdate::Track {
@@ -636,6 +646,14 @@ impl Tailer {
                 .map(|n| n.as_bytes().to_vec())
                 .unwrap_or_default();
             let source = self.sources.iter().position(|s| *s.name == *e.source);
+            // Another replica's directory (the shard changed): not ours to finish.
+            if let Some(shard) = self.shard {
+                if !crate::discovery::in_shard(shard, &path) {
+                    tracing::info!(path = %e.path, "checkpointed file belongs to another shard now; forgetting it");
+                    self.builder.update(FileUpdate::Release { key });
+                    return;
+                }
+            }
             let found = listing.into_iter().flatten().find(|d| {
                 d.file_type().is_ok_and(|t| t.is_file())
                     && std::os::unix::fs::DirEntryExt::ino(d) == e.id.ino
@@ -1007,7 +1025,7 @@ impl Tailer {
                 let id = FileId::new(f.dev, f.ino, &f.prefix);
                 if id != f.id {
                     f.id = id;
-                    f.meta = meta_for(src, k, &f.path, id.fp, &self.events);
+                    f.meta = meta_for(src, k, &f.path, id.event_base(), &self.events);
                     self.builder.update(FileUpdate::Identity {
                         key: k,
                         id,

@@ -120,6 +120,7 @@ impl Harness {
             opts: TailerOptions {
                 first_start: self.first,
                 probe_poll_interval: None,
+                shard: None,
             },
         });
         self.first = false;
