@@ -363,6 +363,26 @@ fn transport_error(sink: &'static str, e: ureq::Error) -> SinkError {
     }
 }
 
+/// A batch's payload as a request body and its `Content-Encoding`: zstd or gzip as the
+/// compressor stage left it, gzipped here when the sink asks for gzip (the stage only does zstd).
+pub fn body(
+    batch: &crate::batch::Batch,
+    want: crate::config::Compression,
+    level: i32,
+) -> (std::borrow::Cow<'_, [u8]>, Option<&'static str>) {
+    use crate::config::Compression;
+    use std::borrow::Cow;
+    match (batch.compression, want) {
+        (Compression::Zstd, _) => (Cow::Borrowed(&batch.payload), Some("zstd")),
+        (Compression::Gzip, _) => (Cow::Borrowed(&batch.payload), Some("gzip")),
+        (Compression::None, Compression::Gzip) => (
+            Cow::Owned(gzip(&batch.payload, level.max(0) as u32)),
+            Some("gzip"),
+        ),
+        (Compression::None, _) => (Cow::Borrowed(&batch.payload), None),
+    }
+}
+
 /// gzip of `data` at `level` (0..=9).
 pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
     use std::io::Write as _;

@@ -255,10 +255,6 @@ impl Sink for ElasticsearchSink {
         "elasticsearch"
     }
 
-    fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
-        Ok(())
-    }
-
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let n = batch.events.len();
         if n == 0 {
@@ -388,10 +384,6 @@ impl Sink for ElasticsearchSink {
             ));
         }
         Ok(())
-    }
-
-    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
-        Ok(Vec::new())
     }
 }
 

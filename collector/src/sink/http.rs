@@ -19,7 +19,6 @@
 //! timeout = "30s"
 //! ```
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -211,24 +210,11 @@ impl Sink for HttpSink {
         "http"
     }
 
-    fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
-        Ok(())
-    }
-
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         if batch.events.is_empty() {
             return Ok(());
         }
-        let (body, encoding): (Cow<'_, [u8]>, Option<&str>) =
-            match (batch.compression, self.compression) {
-                (Compression::Zstd, _) => (Cow::Borrowed(&batch.payload), Some("zstd")),
-                (Compression::Gzip, _) => (Cow::Borrowed(&batch.payload), Some("gzip")),
-                (Compression::None, Compression::Gzip) => (
-                    Cow::Owned(client::gzip(&batch.payload, self.level.max(0) as u32)),
-                    Some("gzip"),
-                ),
-                (Compression::None, _) => (Cow::Borrowed(&batch.payload), None),
-            };
+        let (body, encoding) = client::body(batch, self.compression, self.level);
         let mut headers = vec![("Content-Type", "application/x-ndjson")];
         if let Some(e) = encoding {
             headers.push(("Content-Encoding", e));
@@ -236,10 +222,6 @@ impl Sink for HttpSink {
         self.client
             .post(&self.url, &headers, &body, batch.raw_bytes)
             .map(|_| ())
-    }
-
-    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
-        Ok(Vec::new())
     }
 }
 

@@ -400,10 +400,6 @@ impl Sink for LokiSink {
         "loki"
     }
 
-    fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
-        Ok(())
-    }
-
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         if batch.events.is_empty() {
             return Ok(());
@@ -429,10 +425,6 @@ impl Sink for LokiSink {
             self.last_ts.insert(s.labels, ts);
         }
         Ok(())
-    }
-
-    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
-        Ok(Vec::new())
     }
 }
 

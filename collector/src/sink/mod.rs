@@ -53,12 +53,18 @@ pub trait Sink: Send {
     /// Type name, for logs and metric labels.
     fn name(&self) -> &'static str;
     /// Brings the sink back to the state recorded by `cursor` (from the checkpoint); `None` on a
-    /// first start or when the checkpoint was lost.
-    fn recover(&mut self, cursor: Option<&[u8]>) -> Result<(), SinkError>;
+    /// first start or when the checkpoint was lost. Network sinks, whose acknowledgement is
+    /// final, have nothing to roll back.
+    fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// Delivers one batch; `Ok` is the acknowledgement.
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError>;
-    /// Makes everything sent so far durable and returns the cursor to checkpoint with it.
-    fn commit(&mut self) -> Result<Vec<u8>, SinkError>;
+    /// Makes everything sent so far durable and returns the cursor to checkpoint with it
+    /// (empty for sinks whose `send` is already durable).
+    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Builds the sink of `cfg.sink`.

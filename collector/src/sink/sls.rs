@@ -431,10 +431,6 @@ impl Sink for SlsSink {
         "sls"
     }
 
-    fn recover(&mut self, _cursor: Option<&[u8]>) -> Result<(), SinkError> {
-        Ok(())
-    }
-
     fn send(&mut self, batch: &Batch) -> Result<(), SinkError> {
         if batch.events.is_empty() {
             return Ok(());
@@ -457,10 +453,6 @@ impl Sink for SlsSink {
             done[g] = true;
         }
         Ok(())
-    }
-
-    fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
-        Ok(Vec::new())
     }
 }
 
