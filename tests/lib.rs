@@ -357,6 +357,23 @@ pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Writes `lines` nginx-like lines into each of `pods` pod-style directories under `root`
+/// (appending to what is there), as fast as possible.
+pub fn gen(root: &Path, pods: usize, lines: u64, seed: u64) {
+    let o = voltail::generate::GenerateOptions {
+        dir: root.to_path_buf(),
+        pod_dir: None,
+        pods,
+        rate: 0,
+        lines,
+        app: "nginx".into(),
+        file: "access.log".into(),
+        rotate_bytes: 0,
+        seed,
+    };
+    voltail::generate::run(&o, &std::sync::atomic::AtomicBool::new(false)).expect("generate");
+}
+
 /// Whether tests that need privileges or special kernel features must run (CI) rather than
 /// skip with a reason.
 pub fn must_run() -> bool {

@@ -9,22 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use voltail::generate::{self, GenerateOptions};
-use voltail_tests::{assert_exactly_once, log_files, voltail_bin, Collector, Setup};
-
-fn gen(root: &Path, pods: usize, lines: u64, seed: u64) {
-    let o = GenerateOptions {
-        dir: root.to_path_buf(),
-        pod_dir: None,
-        pods,
-        rate: 0,
-        lines,
-        app: "nginx".into(),
-        file: "access.log".into(),
-        rotate_bytes: 0,
-        seed,
-    };
-    generate::run(&o, &AtomicBool::new(false)).expect("generate");
-}
+use voltail_tests::{assert_exactly_once, gen, log_files, voltail_bin, Collector, Setup};
 
 #[test]
 fn delivers_200k_lines_from_8_pods_exactly_once_with_tags() {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use voltail::checkpoint;
 use voltail::generate::{self, GenerateOptions};
-use voltail_tests::{assert_exactly_once, log_files, must_run, Collector, Setup};
+use voltail_tests::{assert_exactly_once, gen, log_files, must_run, Collector, Setup};
 
 /// Whether the long variants run.
 fn long() -> bool {
@@ -450,21 +450,6 @@ fn checkpoint_from_another_machine_does_not_reread_everything() {
         "only the new lines are read; log:\n{log}"
     );
     assert_eq!(assert_exactly_once(&s.sink(), &log_files(&s.logs)), 24_000);
-}
-
-fn gen(root: &Path, pods: usize, lines: u64, seed: u64) {
-    let o = GenerateOptions {
-        dir: root.to_path_buf(),
-        pod_dir: None,
-        pods,
-        rate: 0,
-        lines,
-        app: "nginx".into(),
-        file: "access.log".into(),
-        rotate_bytes: 0,
-        seed,
-    };
-    generate::run(&o, &AtomicBool::new(false)).expect("generate");
 }
 
 /// Runs `mount args...`; Err(stderr) when it fails.
