@@ -4,6 +4,8 @@
 //!   `voltail` binary (and optional peers) on them ([`runner`]), verifies that every line
 //!   arrived exactly once ([`verify`]), and reports ([`report`]).
 //! - `slownas` ([`slownas`]): the slow-NAS FUSE stand-in, mounted until SIGINT/SIGTERM.
+//! - `soak`: the soak of `tests/integration/soak.rs` (W3-style load, rotations, SIGKILLs) on
+//!   a release build for N minutes, its table kept under `target/soak/`.
 
 mod bench;
 mod nginx;
@@ -20,7 +22,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "xtask", about = "voltail chores: bench, slownas")]
+#[command(name = "xtask", about = "voltail chores: bench, slownas, soak")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -51,6 +53,20 @@ enum Cmd {
         #[arg(long)]
         direct_io: bool,
     },
+    /// Soak: 200 files x 10 lines/s with rename rotations and SIGKILLs for N minutes, then
+    /// check every line is in the sink exactly once and RSS, descriptors and checkpoint stayed
+    /// bounded (release build; the table of samples goes to target/soak/).
+    Soak {
+        /// How long to write.
+        #[arg(long, default_value_t = 60.0)]
+        minutes: f64,
+        /// SIGKILL and restart the collector about this often (jittered +-30 %); 0 = never.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        kill_every: Duration,
+        /// Seed of the kill times (random when absent; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() {
@@ -63,6 +79,11 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Soak {
+            minutes,
+            kill_every,
+            seed,
+        } => soak(minutes, kill_every, seed),
         Cmd::Slownas {
             source,
             mount,
@@ -98,4 +119,58 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs the `#[ignore]`d soak test on a release build and keeps its output.
+fn soak(minutes: f64, kill_every: Duration, seed: Option<u64>) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let dir = root.join("target/soak");
+    std::fs::create_dir_all(&dir).context("mkdir target/soak")?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let log = dir.join(format!("soak-{secs}.log"));
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+    cmd.current_dir(&root)
+        .args([
+            "test",
+            "-p",
+            "voltail-tests",
+            "--release",
+            "--test",
+            "integration",
+            "--",
+        ])
+        .args(["--ignored", "--nocapture", "--exact", "soak::soak"])
+        .env("VOLTAIL_SOAK_MINUTES", minutes.to_string())
+        .env(
+            "VOLTAIL_SOAK_KILL_EVERY_SECS",
+            kill_every.as_secs_f64().to_string(),
+        );
+    if let Some(s) = seed {
+        cmd.env("VOLTAIL_SEED", s.to_string());
+    }
+    eprintln!(
+        "soak: {minutes} min, SIGKILL every ~{kill_every:?}; output also in {}",
+        log.display()
+    );
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn cargo test")?;
+    let out = child.stdout.take().context("stdout")?;
+    let mut file =
+        std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+        let line = line.context("read cargo output")?;
+        println!("{line}");
+        std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes())?;
+    }
+    let st = child.wait().context("wait cargo test")?;
+    anyhow::ensure!(st.success(), "soak failed ({st}); see {}", log.display());
+    Ok(())
 }
