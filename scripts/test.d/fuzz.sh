@@ -13,7 +13,8 @@ if [ "${VOLTAIL_FUZZ:-0}" != 1 ] && [ "${1:-}" != "" ] && [ -z "${FUZZ_FORCE:-}"
   echo "fuzz.sh $1: skipped (set VOLTAIL_FUZZ=1 to build and run the cargo-fuzz targets)"
   exit 0
 fi
-targets=(framing checkpoint_load config_parse ndjson_encoder)
+targets=(framing checkpoint_load config_parse ndjson_encoder http_encoder clickhouse_encoder
+  elasticsearch_encoder loki_request sls_groups)
 case "${1:-}" in
   setup)
     if ! rustup toolchain list | grep -q '^nightly'; then
