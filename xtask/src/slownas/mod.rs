@@ -850,7 +850,23 @@ impl SlowNas {
             // SAFETY: as above.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             if let Ok(minor) = minor {
-                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+                let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+                if !Path::new(&abort).exists() {
+                    // The FUSE control filesystem is not mounted (containers often lack it):
+                    // without it the session would wait for the last open file forever.
+                    let (none, at, ty) = (c"none", c"/sys/fs/fuse/connections", c"fusectl");
+                    // SAFETY: valid NUL-terminated strings that outlive the call; no data.
+                    unsafe {
+                        libc::mount(
+                            none.as_ptr(),
+                            at.as_ptr(),
+                            ty.as_ptr(),
+                            0,
+                            std::ptr::null(),
+                        )
+                    };
+                }
+                let _ = std::fs::write(abort, "1");
             }
         }
         session
@@ -964,8 +980,11 @@ mod tests {
         assert!(std::fs::metadata(&p2).is_ok());
         assert!(nas.faults().injected() >= 6);
 
-        drop((f1, f2));
+        // Unmounting with files still open detaches the mount and aborts the connection
+        // (mounting the FUSE control filesystem if needed) instead of waiting for them.
         drop(nas);
+        assert_eq!(errno_of(f1.read_at(&mut buf, 0)), Some(libc::ENOTCONN));
+        drop((f1, f2));
     }
 
     #[test]
