@@ -857,13 +857,7 @@ impl SlowNas {
                     let (none, at, ty) = (c"none", c"/sys/fs/fuse/connections", c"fusectl");
                     // SAFETY: valid NUL-terminated strings that outlive the call; no data.
                     unsafe {
-                        libc::mount(
-                            none.as_ptr(),
-                            at.as_ptr(),
-                            ty.as_ptr(),
-                            0,
-                            std::ptr::null(),
-                        )
+                        libc::mount(none.as_ptr(), at.as_ptr(), ty.as_ptr(), 0, std::ptr::null())
                     };
                 }
                 let _ = std::fs::write(abort, "1");
