@@ -369,6 +369,10 @@ shutdown_timeout = "5s"
 probe = "off"
 [metrics]
 address = "127.0.0.1:{port}"
+# Half the default batch: what the queues may hold (2 queues x 8 batches) stays well inside
+# the bound below, whose slack is 32 MiB; the backlog is what must not be held.
+[batch]
+max_bytes = 524288
 [[sources]]
 name = "pods"
 include = ["{pods}/**/*.log"]
