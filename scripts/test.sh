@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in clang llvm libbpf-dev zstd curl; do
+# faketime: the clock-jump tests preload libfaketime.
+for pkg in clang llvm libbpf-dev zstd curl faketime; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -199,12 +199,19 @@ pub struct Collector {
 impl Collector {
     /// Starts `voltail run --config cfg`.
     pub fn start(cfg: &Path, port: u16) -> Collector {
+        Collector::start_env(cfg, port, &[])
+    }
+
+    /// Starts `voltail run --config cfg` with extra environment variables (e.g. an
+    /// `LD_PRELOAD` that fakes the clock).
+    pub fn start_env(cfg: &Path, port: u16, env: &[(&str, &str)]) -> Collector {
         let log = cfg.with_extension(format!("log.{}", fastrand::u32(..)));
         let f = std::fs::File::create(&log).expect("log file");
         let child = Command::new(voltail_bin())
             .args(["run", "--config"])
             .arg(cfg)
             .env("VOLTAIL_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
@@ -272,6 +279,11 @@ impl Collector {
         let _ = self.child.wait();
     }
 
+    /// Whether the process is still running.
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -279,9 +291,18 @@ impl Collector {
 
     /// Peak resident memory (VmHWM) in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident memory now (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         s.lines()
-            .find(|l| l.starts_with("VmHWM:"))?
+            .find(|l| l.starts_with(field))?
             .split_whitespace()
             .nth(1)?
             .parse()

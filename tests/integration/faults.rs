@@ -1,12 +1,13 @@
 //! Faults: the real binary SIGKILLed in a loop under rotation, a full and a read-only disk,
-//! two instances racing for one `data_dir`, and a checkpoint carried to another machine.
+//! two instances racing for one `data_dir`, a checkpoint carried to another machine, and
+//! filesystem errors on a NAS.
 //!
 //! Every test ends with the same check: every line written is in the file sink exactly once.
 //! Randomness is seeded; the seed is printed at the start and again on failure, and
 //! `VOLTAIL_SEED=<n>` replays it. `VOLTAIL_LONG=1` runs the long variants.
 //!
-//! Not here: filesystem errors (EIO, ESTALE, vanishing directories) need the FUSE stand-in of
-//! `xtask`, which is not merged yet.
+//! Filesystem errors (EIO, ESTALE, vanishing directories) are injected by the slow-NAS FUSE
+//! stand-in of `xtask` (`xtask::slownas::faults`), mounted under the collector.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -676,4 +677,395 @@ fn sigkill_before_the_first_checkpoint_repeats_nothing() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(c.stop(), 0);
     assert_eq!(assert_exactly_once(&s.sink(), &log_files(&s.logs)), 8_000);
+}
+
+// ---- filesystem errors through the slow-NAS stand-in ----
+
+/// Whether this process may mount FUSE (root and /dev/fuse); skips with a printed reason
+/// otherwise, and fails under `CI=true`.
+fn can_mount_fuse() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && Path::new("/dev/fuse").exists();
+    if !ok {
+        assert!(
+            !must_run(),
+            "CI=true: this test must run, as root with /dev/fuse"
+        );
+        eprintln!("SKIPPED: mounting the FUSE stand-in needs root and /dev/fuse");
+    }
+    ok
+}
+
+/// One pod writing through the mount.
+struct FusePod {
+    /// Relative to the mount root, as faults name it.
+    rel: PathBuf,
+    file: File,
+    written: u64,
+}
+
+/// Lines a pod's writer appends: unique, and long enough that a read spans several.
+fn fuse_line(pod: usize, seq: u64) -> String {
+    format!("pod-{pod} seq {seq:08} GET /api/v1/items?page={seq} HTTP/1.1 200 512 \"-\" \"test\"\n")
+}
+
+/// Counts the sink's events per pod directory (by the `pod-N` in the path).
+fn per_pod(s: &Setup, pods: usize) -> Vec<usize> {
+    let mut n = vec![0; pods];
+    for e in s.sink() {
+        if let Some(i) = (0..pods).find(|i| e.file.contains(&format!("_pod-{i}_"))) {
+            n[i] += 1;
+        }
+    }
+    n
+}
+
+/// The `count` of warnings whose message contains `what` in a collector's log.
+fn warnings(log: &str, what: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("WARN") && l.contains(what))
+        .count()
+}
+
+fn fs_faults_on(reader: &str) {
+    use xtask::slownas::faults::{Fault, Op};
+    use xtask::slownas::{Options, SlowNas};
+    let test = "filesystem_errors";
+    let seed = seed(test);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let s = Setup::new();
+    let _guard = SeedOnFailure(test, seed, Some(s.tmp.path().to_path_buf()));
+    let src = s.tmp.path().join("nas");
+    std::fs::create_dir_all(&src).expect("mkdir source");
+    // direct_io: every read reaches the filesystem (and its faults), as on NFS without cache.
+    let nas = SlowNas::mount(
+        &src,
+        &s.logs,
+        Options {
+            latency: Duration::from_millis(1),
+            threads: 16,
+            entry_ttl: Duration::from_millis(200),
+            direct_io: true,
+        },
+    )
+    .expect("mount the slow-NAS stand-in");
+    let faults = Arc::clone(nas.faults());
+
+    // Pods 0-1: EIO (reads; stats too for 1). 2-3: ESTALE (stats, opens and reads; reads only
+    // for 3). 4: its directory vanishes while it writes on; 5: vanishes while it is quiet,
+    // for longer than rotate_wait. 6-7: healthy, they must keep flowing meanwhile.
+    const PODS: usize = 8;
+    let mut pods: Vec<FusePod> = (0..PODS)
+        .map(|i| {
+            let rel = PathBuf::from(format!("nginx/default_pod-{i}_10.0.0.{i}_10.1.0.1_node-a"));
+            std::fs::create_dir_all(s.logs.join(&rel)).expect("mkdir through the mount");
+            let file = open_append(&s.logs.join(&rel).join("access.log"));
+            FusePod {
+                rel,
+                file,
+                written: 0,
+            }
+        })
+        .collect();
+    let write = |pods: &mut [FusePod], which: &[usize], n: u64| {
+        for &i in which {
+            let p = &mut pods[i];
+            let mut text = String::new();
+            for _ in 0..n {
+                text.push_str(&fuse_line(i, p.written));
+                p.written += 1;
+            }
+            p.file
+                .write_all(text.as_bytes())
+                .expect("write through the mount");
+        }
+    };
+    let all: Vec<usize> = (0..PODS).collect();
+    write(&mut pods, &all, 50);
+
+    let cfg = s.config("", "");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("reader = \"{reader}\"\n{text}")).expect("config");
+    let c = Collector::start(&cfg, s.port);
+    assert!(c.wait_up(Duration::from_secs(30)), "{}", c.log_text());
+    assert!(
+        c.wait_lines(50 * PODS as u64, Duration::from_secs(30)),
+        "first lines not read; log:\n{}",
+        c.log_text()
+    );
+    let errors_before = c.metric("voltail_read_errors_total").unwrap_or(0.0);
+
+    let hold = Duration::from_millis(rng.u64(3_000..5_000));
+    eprintln!("{test}: reader {reader}, faults held for {hold:?}");
+    let ids = [
+        faults.add(Fault::fail(&[Op::Read], &pods[0].rel, libc::EIO)),
+        faults.add(Fault::fail(
+            &[Op::Read, Op::Getattr],
+            &pods[1].rel,
+            libc::EIO,
+        )),
+        faults.add(Fault::fail(
+            &[Op::Getattr, Op::Open, Op::Read],
+            &pods[2].rel,
+            libc::ESTALE,
+        )),
+        faults.add(Fault::fail(&[Op::Read], &pods[3].rel, libc::ESTALE)),
+        faults.add(Fault::hide(&pods[4].rel)),
+        faults.add(Fault::hide(&pods[5].rel)),
+    ];
+    // Let the kernel's cached names expire, and take stock.
+    std::thread::sleep(Duration::from_millis(400));
+    let at_start = per_pod(&s, PODS);
+    let end = Instant::now() + hold;
+    let writing: Vec<usize> = (0..PODS).filter(|&i| i != 5).collect();
+    while Instant::now() < end {
+        write(&mut pods, &writing, rng.u64(1..8));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The healthy pods were shipped meanwhile, the faulty ones could not be (their lines
+    // written during the faults stay behind), and the process is up and counting errors.
+    let healthy_wait = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = per_pod(&s, PODS);
+        // Pod 4's directory is gone by name, but its open descriptor still reads.
+        if (4..PODS)
+            .filter(|&i| i != 5)
+            .all(|i| now[i] as u64 == pods[i].written)
+        {
+            for i in 0..4 {
+                assert!(
+                    (now[i] as u64) < pods[i].written,
+                    "pod {i} was fully shipped while failing: {now:?}"
+                );
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < healthy_wait,
+            "healthy pods stalled behind the faulty ones: shipped {now:?} of {:?} (at the \
+             start of the faults {at_start:?}); log:\n{}",
+            pods.iter().map(|p| p.written).collect::<Vec<_>>(),
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.get("/health").is_some(), "the collector is up");
+    let errors = c.metric("voltail_read_errors_total").unwrap_or(0.0) - errors_before;
+    assert!(errors > 0.0, "read errors counted: {errors}");
+
+    for id in ids {
+        faults.lift(id);
+    }
+    let injected = faults.injected();
+    // Everyone writes on, then stops; every line must arrive, once.
+    for _ in 0..20 {
+        write(&mut pods, &all, rng.u64(1..8));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let total: u64 = pods.iter().map(|p| p.written).sum();
+    let got = wait_sink(&s, total as usize, Duration::from_secs(60));
+    // A moment more, to see anything read twice arrive.
+    std::thread::sleep(Duration::from_secs(2));
+    let read_lines = c.metric("voltail_read_lines_total").unwrap_or(0.0) as u64;
+    let log = c.log_text();
+    assert_eq!(c.stop(), 0, "SIGTERM exits 0");
+    let files: Vec<PathBuf> = pods
+        .iter()
+        .map(|p| s.logs.join(&p.rel).join("access.log"))
+        .collect();
+    let events = s.sink();
+    eprintln!(
+        "{test} ({reader}): {total} lines written, {got} shipped, {read_lines} read, {errors} \
+         read errors counted, {injected} faults injected, warnings: {} read, {} stat, {} open",
+        warnings(&log, "read failed"),
+        warnings(&log, "cannot stat"),
+        warnings(&log, "cannot open"),
+    );
+    let checked = assert_exactly_once(&events, &files);
+    assert_eq!(checked as u64, total);
+    assert_eq!(read_lines, total, "every line read once, none again");
+    // Retried with backoff and logged the first few times, not 50 times a second.
+    let logged = warnings(&log, "read failed") + warnings(&log, "cannot stat");
+    assert!(
+        logged <= 60,
+        "{logged} warnings for 4 failing files in {hold:?}: the log is flooded"
+    );
+    assert!(!log.contains(" ERROR "), "no data put at risk; log:\n{log}");
+    // The writers' descriptors first: a mount with files open only detaches.
+    drop(pods);
+    nas.unmount().expect("unmount the stand-in");
+}
+
+/// EIO and ESTALE on reads, stats and opens of some pods' files, and two pod directories
+/// vanishing and coming back, through the FUSE stand-in: the other pods flow meanwhile, the
+/// errors are counted, and at the end every line is in the sink exactly once, read once.
+#[test]
+fn filesystem_errors_and_a_vanishing_directory_lose_nothing() {
+    if !can_mount_fuse() {
+        return;
+    }
+    // The backend `reader = "auto"` picks on FUSE, then the other one.
+    fs_faults_on("io_uring");
+    fs_faults_on("pread");
+}
+
+// ---- clock jumps (libfaketime) ----
+
+/// The libfaketime library to preload, or `None` (with the reason printed) when it is not
+/// installed; under `CI=true` its absence fails the test (`tests/scripts/sink-deps.sh`
+/// installs it).
+fn libfaketime() -> Option<PathBuf> {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .chain([PathBuf::from("/usr/lib/faketime/libfaketime.so.1")])
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            !must_run(),
+            "CI=true: the clock tests must run; install faketime (apt-get install faketime)"
+        );
+        eprintln!("SKIPPED: libfaketime is not installed (apt-get install faketime)");
+    }
+    found
+}
+
+/// SIGTERM, and the exit code if it exits within `within` (else SIGKILL and `None`).
+fn stop_within(mut c: Collector, within: Duration) -> Option<i32> {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(c.child.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Ok(Some(st)) = c.child.try_wait() {
+            return Some(st.code().unwrap_or(-1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// CPU time (user + system) the process used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the `(comm)` field: state is field 3; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Pods write while the collector's clock jumps to each of `steps` (libfaketime offsets, held
+/// for the given seconds): every line is shipped exactly once and read once (no re-read), and
+/// the jumps are visible in the events' timestamps (so the fake clock did reach the
+/// collector). `monotonic`: libfaketime fakes `CLOCK_MONOTONIC` too.
+fn clock_jumps(lib: &Path, monotonic: bool, steps: &[(&str, u64)]) {
+    let test = if monotonic {
+        "clock_jumps_monotonic"
+    } else {
+        "clock_jumps_realtime"
+    };
+    let seed = seed(test);
+    let s = Setup::new();
+    let _guard = SeedOnFailure(test, seed, Some(s.tmp.path().to_path_buf()));
+    let clock = s.tmp.path().join("faketime");
+    std::fs::write(&clock, "+0\n").expect("write clock");
+    let (lib, clock_s) = (lib.display().to_string(), clock.display().to_string());
+    let mut env = vec![
+        ("LD_PRELOAD", lib.as_str()),
+        ("FAKETIME_TIMESTAMP_FILE", clock_s.as_str()),
+        // Re-read the file at every clock call: the jump happens at once.
+        ("FAKETIME_NO_CACHE", "1"),
+    ];
+    if !monotonic {
+        env.push(("FAKETIME_DONT_FAKE_MONOTONIC", "1"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (logs, stop) = (s.logs.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let o = GenerateOptions {
+                dir: logs,
+                pod_dir: None,
+                pods: 8,
+                rate: 200,
+                lines: 0,
+                app: "nginx".into(),
+                file: "access.log".into(),
+                rotate_bytes: 0,
+                seed,
+            };
+            generate::run(&o, &stop).expect("generate")
+        })
+    };
+    let cfg = s.config("", "");
+    let c = Collector::start_env(&cfg, s.port, &env);
+    assert!(c.wait_up(Duration::from_secs(30)), "{}", c.log_text());
+    let t0 = Instant::now();
+    let cpu0 = cpu_ticks(c.child.id());
+    let mut phases = Vec::new();
+    for &(offset, secs) in steps {
+        std::fs::write(&clock, format!("{offset}\n")).expect("write clock");
+        let lines0 = c.metric("voltail_read_lines_total").unwrap_or(0.0);
+        let cpu = cpu_ticks(c.child.id());
+        std::thread::sleep(Duration::from_secs(secs));
+        let lines = c.metric("voltail_read_lines_total").unwrap_or(0.0) - lines0;
+        let cpu = cpu_ticks(c.child.id()) - cpu;
+        phases.push(format!(
+            "{offset}: {lines} lines read in {secs} s, {cpu} CPU ticks"
+        ));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let total = writer.join().expect("writer");
+    let got = wait_sink(&s, total as usize, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    let read_lines = c.metric("voltail_read_lines_total").unwrap_or(0.0) as u64;
+    let cpu = cpu_ticks(c.child.id()) - cpu0;
+    let log = c.log_text();
+    let code = stop_within(c, Duration::from_secs(30));
+    let events = s.sink();
+    // The first event was stamped before any jump: its date is today (real time).
+    let today = events.first().map(|e| e.timestamp[..10].to_string());
+    let today = today.expect("some events");
+    let future = events.iter().filter(|e| e.timestamp[..10] > *today).count();
+    let past = events.iter().filter(|e| e.timestamp[..10] < *today).count();
+    eprintln!(
+        "{test}: {total} lines written, {got} shipped, {read_lines} read; stamped in the \
+         future {future}, in the past {past}; {cpu} CPU ticks in {:.1} s; {}",
+        t0.elapsed().as_secs_f64(),
+        phases.join("; ")
+    );
+    assert_eq!(code, Some(0), "SIGTERM exits 0 within 30 s; log:\n{log}");
+    let checked = assert_exactly_once(&events, &log_files(&s.logs));
+    assert_eq!(checked as u64, total);
+    assert_eq!(
+        read_lines, total,
+        "every line read once: no re-read after a jump"
+    );
+    let back = steps.iter().any(|(o, _)| o.starts_with('-'));
+    assert!(
+        future > 0 && (past > 0 || !back),
+        "the jumps reached the collector: {future} events stamped after today, {past} before"
+    );
+    assert!(!log.contains(" ERROR "), "log:\n{log}");
+}
+
+/// The wall clock jumps a day forward, two days back, and forward again (an NTP step, a VM
+/// restored from a snapshot); the monotonic clock does not, as on a real kernel.
+#[test]
+fn wall_clock_jumps_forward_and_back_lose_nothing() {
+    let Some(lib) = libfaketime() else { return };
+    clock_jumps(&lib, false, &[("+0", 3), ("+1d", 4), ("-1d", 4), ("+0", 3)]);
+}
+
+/// Both clocks jump forward, a day and then another: every deadline the collector holds
+/// (polls, linger, checkpoint, rotate_wait) falls due at once. Forward only: a kernel never
+/// moves `CLOCK_MONOTONIC` back, and under libfaketime a backward jump leaves every deadline
+/// days away, so the collector waits for the clock to catch up (docs/reliability.md).
+#[test]
+fn monotonic_clock_jumps_forward_lose_nothing() {
+    let Some(lib) = libfaketime() else { return };
+    clock_jumps(&lib, true, &[("+0", 3), ("+1d", 4), ("+2d", 4)]);
 }

@@ -3,7 +3,8 @@
 //! - `bench` ([`bench`]): generates the workloads ([`workload`], [`nginx`]), runs the release
 //!   `voltail` binary (and optional peers) on them ([`runner`]), verifies that every line
 //!   arrived exactly once ([`verify`]), and reports ([`report`]).
-//! - `slownas` ([`slownas`]): the slow-NAS FUSE stand-in, mounted until SIGINT/SIGTERM.
+//! - `slownas` ([`slownas`], in the library so the integration tests can mount it): the
+//!   slow-NAS FUSE stand-in, mounted until SIGINT/SIGTERM, with faults read from a control file.
 //! - `soak`: the soak of `tests/integration/soak.rs` (W3-style load, rotations, SIGKILLs) on
 //!   a release build for N minutes, its table kept under `target/soak/`.
 
@@ -11,7 +12,6 @@ mod bench;
 mod nginx;
 mod report;
 mod runner;
-mod slownas;
 mod verify;
 mod workload;
 
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use xtask::slownas;
 
 #[derive(Parser, Debug)]
 #[command(name = "xtask", about = "voltail chores: bench, slownas, soak")]
@@ -52,6 +53,11 @@ enum Cmd {
         /// Open files with direct_io (bypass the page cache).
         #[arg(long)]
         direct_io: bool,
+        /// A control file of faults to inject, re-read when it changes: one per line,
+        /// `fail OPS ERRNO PATH` (e.g. `fail read,getattr ESTALE app/pod-1`) or `hide DIR`,
+        /// paths relative to the mount root; an empty or missing file lifts them all.
+        #[arg(long)]
+        faults: Option<PathBuf>,
     },
     /// Soak: 200 files x 10 lines/s with rename rotations and SIGKILLs for N minutes, then
     /// check every line is in the sink exactly once and RSS, descriptors and checkpoint stayed
@@ -91,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             entry_ttl,
             direct_io,
+            faults,
         } => {
             let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -110,7 +117,21 @@ fn run(cli: Cli) -> Result<()> {
                 latency,
                 threads
             );
+            let mut seen = None;
             while !term.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(control) = &faults {
+                    // Re-read on any change of the file (or its appearing/vanishing).
+                    let stamp = std::fs::metadata(control)
+                        .ok()
+                        .map(|m| (m.modified().ok(), m.len()));
+                    if seen.as_ref() != Some(&stamp) {
+                        match nas.faults().load(control) {
+                            Ok(n) => eprintln!("slownas: {n} fault(s) in force"),
+                            Err(e) => eprintln!("slownas: faults unchanged: {e:#}"),
+                        }
+                        seen = Some(stamp);
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
             let ops = nas.stats().total();

@@ -19,6 +19,13 @@
 //! a rotated name and finished. Every change to the set of tracked files travels in the batch
 //! stream as a [`FileUpdate`], so the checkpoint follows delivery, never reading.
 //!
+//! Filesystem errors (EIO, ESTALE, a directory that vanished) are not the end of a file: a
+//! failed stat or read is counted, logged (the first few, then every 20th) and retried with
+//! the idle backoff; a descriptor gone stale is reopened by its path when the path still names
+//! the same file; a file whose path names it again is followed again; and a released file
+//! that comes back to a watched path resumes where it was released, by inode and fingerprint,
+//! as after a restart. A file is given up only when its path says it is gone.
+//!
 //! This module does not talk to sinks and does not write the checkpoint.
 
 pub mod backend;
@@ -76,6 +83,9 @@ const READ_BUF: usize = 256 * 1024;
 const READ_ARENA: usize = 8 << 20;
 /// Shortest sleep between rounds, so that due files gather into batched rounds.
 const MIN_TICK: Duration = Duration::from_millis(20);
+/// Released files remembered, so that one coming back (its directory vanished and returned)
+/// resumes where it was released instead of being read again.
+const RELEASED_KEPT: usize = 4096;
 
 /// A source with its compiled parts.
 #[derive(Debug)]
@@ -136,6 +146,8 @@ struct Tracked {
     interval: Duration,
     next_due: Instant,
     last_change: Instant,
+    /// Stats or reads failed in a row (EIO, ESTALE, ...); 0 while healthy.
+    errors: u32,
 }
 
 /// How the tailer runs.
@@ -179,6 +191,9 @@ pub struct Tailer {
     next_discovery: Instant,
     next_lag: Instant,
     failed_opens: HashMap<PathBuf, Instant>,
+    /// Files released lately, by inode: identity and the offset they were finished at.
+    released: HashMap<u64, (FileId, u64)>,
+    released_order: std::collections::VecDeque<u64>,
     scratch: String,
 }
 
@@ -257,6 +272,8 @@ impl Tailer {
             next_discovery: now,
             next_lag: now,
             failed_opens: HashMap::new(),
+            released: HashMap::new(),
+            released_order: std::collections::VecDeque::new(),
             scratch: String::new(),
         }
     }
@@ -374,6 +391,11 @@ impl Tailer {
                         return false;
                     }
                     b = back;
+                    let now = Instant::now();
+                    if now >= self.next_lag {
+                        self.publish_lag_waiting();
+                        self.next_lag = now + Duration::from_secs(1);
+                    }
                 }
                 Err(SendTimeoutError::Disconnected(_)) => return false,
             }
@@ -412,6 +434,35 @@ impl Tailer {
     fn publish_lag(&mut self) {
         self.lag
             .sizes(self.files.values().map(|f| (f.key, f.source, f.size)));
+        self.publish_gauges();
+    }
+
+    /// While the reader waits for room downstream (the sink is slow or down), the files keep
+    /// growing: their sizes come from a stat of each descriptor (no reading, no decisions),
+    /// so that `voltail_lag_bytes` keeps rising through an outage instead of freezing at its
+    /// value when the queue filled.
+    fn publish_lag_waiting(&mut self) {
+        let keys: Vec<FileKey> = self.files.keys().copied().collect();
+        for chunk in keys.chunks(STAT_CHUNK) {
+            let sizes: Vec<Result<Stat, Errno>> = {
+                let mut ops: Vec<StatOp<'_>> = chunk
+                    .iter()
+                    .map(|k| StatOp::new(self.files[k].file.as_raw_fd(), None))
+                    .collect();
+                self.backend.stat_batch(&mut ops);
+                ops.into_iter().map(|o| o.fd_stat).collect()
+            };
+            for (k, st) in chunk.iter().zip(sizes) {
+                if let (Some(f), Ok(st)) = (self.files.get_mut(k), st) {
+                    // Never down: a truncation is for the next poll round to decide.
+                    f.size = f.size.max(st.size);
+                }
+            }
+        }
+        self.publish_lag();
+    }
+
+    fn publish_gauges(&self) {
         for (i, bytes) in self
             .lag
             .per_source(self.sources.len())
@@ -504,6 +555,13 @@ impl Tailer {
             return;
         };
         if f.path == path {
+            if f.orphan {
+                // Its path names it again (its directory vanished and came back): follow it
+                // as a live file, not one being finished and released.
+                tracing::info!(path = %path.display(), "file is back at its path; following it again");
+                f.orphan = false;
+                self.by_path.insert(path.to_path_buf(), k);
+            }
             return;
         }
         // Keep the first name while it still names this file.
@@ -550,7 +608,16 @@ impl Tailer {
         let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
         prefix.truncate(n);
         let resumed = self.take_restore(st.dev, st.ino, &prefix);
+        let came_back = match resumed {
+            None => self.take_released(st.dev, st.ino, &prefix, st.size),
+            Some(_) => None,
+        };
+        if let Some(off) = came_back {
+            tracing::info!(path = %path.display(), offset = off,
+                "a released file is back at a watched path; resuming where it was released");
+        }
         let offset = match &resumed {
+            None if came_back.is_some() => came_back.unwrap_or(0),
             Some((_, e)) if e.offset <= st.size => e.offset,
             Some((_, e)) => {
                 tracing::warn!(path = %path.display(), checkpoint = e.offset, size = st.size,
@@ -610,6 +677,7 @@ impl Tailer {
             interval: base,
             next_due: now,
             last_change: now,
+            errors: 0,
         };
         if !orphan {
             self.by_path.insert(path, key);
@@ -618,6 +686,32 @@ impl Tailer {
         self.files.insert(key, t);
         self.schedule.push(Reverse((now, key)));
         self.events.file_opened();
+    }
+
+    /// The offset a released file with this identity was finished at, if it is one (and
+    /// still holds at least that much).
+    fn take_released(&mut self, dev: u64, ino: u64, prefix: &[u8], size: u64) -> Option<u64> {
+        let (id, offset) = *self.released.get(&ino)?;
+        if id.matches(dev, ino, prefix) == Match::No || offset > size {
+            return None;
+        }
+        self.released.remove(&ino);
+        Some(offset)
+    }
+
+    /// Remembers a released file (the oldest is forgotten past `RELEASED_KEPT`).
+    fn remember_released(&mut self, id: FileId, offset: u64) {
+        if id.fp_len == 0 {
+            return; // nothing to tell it from another file on the same inode
+        }
+        if self.released.insert(id.ino, (id, offset)).is_none() {
+            self.released_order.push_back(id.ino);
+        }
+        while self.released_order.len() > RELEASED_KEPT {
+            if let Some(old) = self.released_order.pop_front() {
+                self.released.remove(&old);
+            }
+        }
     }
 
     fn take_restore(&mut self, dev: u64, ino: u64, prefix: &[u8]) -> Option<(FileKey, Entry)> {
@@ -867,20 +961,37 @@ impl Tailer {
         let st = match fs {
             Ok(st) => st,
             Err(e) if e.0 == libc::ESTALE || e.0 == libc::ENOENT => {
-                // NFS: the file is gone from the server (a descriptor stat can say ENOENT there
-                // too); nothing more can be read from it.
-                tracing::warn!(path = %f.path.display(), "stale file handle; releasing the file");
-                f.orphan = true;
-                f.size = f.read_off;
+                // NFS: the descriptor is stale (a descriptor stat can say ENOENT there too).
+                // Whether the file is gone is for its path to say: gone, or another file
+                // there, and nothing more can be read from it; the path failing too (the
+                // server is having trouble) says nothing, so try again later.
+                let gone = f.orphan
+                    || match ps {
+                        Ok(p) => p.ino != f.ino || p.dev != f.dev,
+                        Err(pe) => pe.0 == libc::ENOENT || pe.0 == libc::ENOTDIR,
+                    };
+                if gone {
+                    tracing::warn!(path = %f.path.display(), "stale file handle; releasing the file");
+                    f.orphan = true;
+                    f.size = f.read_off;
+                } else {
+                    self.failed(k, now, Op::Stat, e);
+                }
                 return false;
             }
             Err(e) => {
-                tracing::warn!(path = %f.path.display(), error = %e, "cannot stat file; will retry");
-                self.events.read_error();
+                self.failed(k, now, Op::Stat, e);
                 return false;
             }
         };
-        if st.size < f.read_off {
+        let Some(read_off) = self.files.get(&k).map(|f| f.read_off) else {
+            return false;
+        };
+        if st.size <= read_off {
+            // Stat works and there is nothing to read: healthy (again).
+            self.recovered(k);
+        }
+        if st.size < read_off {
             self.restart_at_zero(k, now, "file truncated; reading from 0");
         }
         let Some(f) = self.files.get_mut(&k) else {
@@ -906,6 +1017,81 @@ impl Tailer {
             st.mtime_ns != f.mtime_ns && st.size == f.read_off && f.read_off > 0 && f.id.fp_len > 0;
         f.mtime_ns = st.mtime_ns;
         st.size > f.read_off || touched
+    }
+
+    /// A stat or read of file `k` failed: counted, logged (the first 3, then every 20th, so a
+    /// NAS failing for minutes does not flood the log) and retried after the file's idle
+    /// backoff. A stale descriptor (ESTALE) is reopened by its path first, if that names the
+    /// same file.
+    fn failed(&mut self, k: FileKey, now: Instant, op: Op, e: Errno) {
+        self.events.read_error();
+        if e.0 == libc::ESTALE && self.reopen(k) {
+            return; // due again at once, through the new descriptor
+        }
+        let Some(f) = self.files.get_mut(&k) else {
+            return;
+        };
+        f.errors = f.errors.saturating_add(1);
+        if f.errors <= 3 || f.errors % 20 == 0 {
+            let (path, attempt) = (f.path.display(), f.errors);
+            match op {
+                Op::Stat => {
+                    tracing::warn!(path = %path, error = %e, attempt, "cannot stat file; will retry")
+                }
+                Op::Read => {
+                    tracing::warn!(path = %path, error = %e, attempt, "read failed; will retry")
+                }
+            }
+        }
+        let s = &self.sources[f.source].cfg;
+        let cap = s.max_poll_interval.0.max(s.poll_interval.0);
+        f.interval = s
+            .poll_interval
+            .0
+            .saturating_mul(1 << f.errors.min(16))
+            .min(cap);
+        f.next_due = now + f.interval;
+        self.schedule.push(Reverse((f.next_due, k)));
+    }
+
+    /// File `k` was read (or stated with nothing to read) after failures.
+    fn recovered(&mut self, k: FileKey) {
+        if let Some(f) = self.files.get_mut(&k) {
+            if f.errors > 0 {
+                tracing::info!(path = %f.path.display(), failures = f.errors, "file readable again");
+                f.errors = 0;
+            }
+        }
+    }
+
+    /// Replaces file `k`'s stale descriptor with a new one opened by its path, if the path
+    /// still names the same file (inode and first bytes). Returns whether it did.
+    fn reopen(&mut self, k: FileKey) -> bool {
+        let Some(path) = self.files.get(&k).map(|f| f.path.clone()) else {
+            return false;
+        };
+        let Some(c) = self.discovery.check(&path, &self.events) else {
+            return false;
+        };
+        let Ok(file) = self.discovery.open(&c) else {
+            return false;
+        };
+        let Ok(st) = backend::statx_fd(file.as_raw_fd()) else {
+            return false;
+        };
+        let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+        let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
+        let Some(f) = self.files.get_mut(&k) else {
+            return false;
+        };
+        if f.orphan || f.id.matches(st.dev, st.ino, &prefix[..n]) == Match::No {
+            return false;
+        }
+        tracing::info!(path = %f.path.display(), "stale file handle; reopened the file by its path");
+        f.file = file;
+        f.next_due = Instant::now();
+        self.schedule.push(Reverse((f.next_due, k)));
+        true
     }
 
     /// The file was truncated (copytruncate): forget what was framed but not shipped, start
@@ -1020,6 +1206,7 @@ impl Tailer {
                 Ok(0) => {}
                 Ok(n) => {
                     bytes += n as u64;
+                    self.recovered(*k);
                     lines += self.consume(*k, &buf[..n], ts);
                     if let Some(f) = self.files.get_mut(k) {
                         f.last_change = now;
@@ -1029,12 +1216,7 @@ impl Tailer {
                         }
                     }
                 }
-                Err(e) => {
-                    if let Some(f) = self.files.get(k) {
-                        tracing::warn!(path = %f.path.display(), error = %e, "read failed; will retry");
-                    }
-                    self.events.read_error();
-                }
+                Err(e) => self.failed(*k, now, Op::Read, e),
             }
             if self.builder.is_full() {
                 if let Some(b) = self.builder.take() {
@@ -1171,8 +1353,17 @@ impl Tailer {
             self.builder.update(FileUpdate::Release { key: k });
             self.lag.remove(k);
             self.events.file_released();
+            let offset = f.framer.framed_offset();
+            self.remember_released(f.id, offset);
         }
     }
+}
+
+/// What failed, for the log.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Stat,
+    Read,
 }
 
 fn cstring(p: &Path) -> CString {

@@ -670,3 +670,64 @@ fn multiline_events_are_joined_and_offsets_kept() {
     );
     assert_eq!(h.delivered[1].offset, 40);
 }
+
+/// Regression: a pod directory that vanished (moved away, an NFS export hiccup) for longer
+/// than `rotate_wait` had its file finished and released; when it came back, the same file was
+/// tracked as new and read again from 0, shipping every line twice.
+#[test]
+fn directory_that_vanishes_and_comes_back_is_not_read_again() {
+    for b in 0..3 {
+        let d = tempfile::tempdir().expect("tmp");
+        let root = d.path().join("root");
+        let (pod, away) = (root.join("pod"), d.path().join("away"));
+        let log = pod.join("app.log");
+        append(&log, "a1 first line of the pod\na2\n");
+        let mut h = Harness::on(&root, "", b);
+        h.step(true);
+        std::fs::rename(&pod, &away).expect("the directory vanishes");
+        for _ in 0..3 {
+            h.step(true);
+        }
+        assert_eq!(h.tailer.as_ref().expect("t").tracked(), 0, "released");
+        std::fs::rename(&away, &pod).expect("and comes back");
+        append(&log, "a3\n");
+        for _ in 0..3 {
+            h.step(true);
+        }
+        assert_eq!(h.messages(), vec!["a1 first line of the pod", "a2", "a3"]);
+        assert_eq!(h.tailer.as_ref().expect("t").tracked(), 1);
+    }
+}
+
+/// Regression: a file whose directory vanished briefly while it was being written stayed an
+/// orphan after the directory came back (it was "renamed" to its own path, which did
+/// nothing); once quiet for `rotate_wait` it was released and read again from 0.
+#[test]
+fn file_back_at_its_path_is_followed_again_not_finished() {
+    let d = tempfile::tempdir().expect("tmp");
+    let root = d.path().join("root");
+    let (pod, away) = (root.join("pod"), d.path().join("away"));
+    let log = pod.join("app.log");
+    append(&log, "b1 first line of the pod\n");
+    let mut h = Harness::new(&root, "");
+    h.step(true);
+    let mut w = OpenOptions::new().append(true).open(&log).expect("open");
+    std::fs::rename(&pod, &away).expect("the directory vanishes");
+    w.write_all(b"b2\n").expect("write");
+    h.step(true);
+    std::fs::rename(&away, &pod).expect("and comes back");
+    w.write_all(b"b3\n").expect("write");
+    // Quiet for longer than rotate_wait: a file being finished would be released here.
+    for _ in 0..4 {
+        h.step(true);
+    }
+    w.write_all(b"b4\n").expect("write");
+    for _ in 0..4 {
+        h.step(true);
+    }
+    assert_eq!(
+        h.messages(),
+        vec!["b1 first line of the pod", "b2", "b3", "b4"]
+    );
+    assert_eq!(h.tailer.as_ref().expect("t").tracked(), 1);
+}

@@ -279,3 +279,295 @@ timeout = "5s"
         b.deliveries - want
     );
 }
+
+/// Line `i` of file `k` for the outage test: about 550 bytes on average, so that a backlog of
+/// many MiB is a few hundred thousand lines; its padding is a function of `(k, i)`, so the
+/// backend checks every message it receives without keeping them.
+fn outage_line(k: usize, i: u64) -> String {
+    let pad = (i.wrapping_mul(7919) % 900 + 100) as usize;
+    let c = char::from(b'a' + ((i + k as u64) % 26) as u8);
+    format!("file {k} line {i:09} {}", c.to_string().repeat(pad))
+}
+
+/// What the outage backend received: which `(file, line)` pairs, and how many deliveries.
+#[derive(Default)]
+struct Received {
+    seen: std::collections::HashSet<(usize, u64)>,
+    deliveries: usize,
+}
+
+fn receive(r: &Mutex<Received>, req: &Request) -> Reply {
+    let body = match req.header("content-encoding") {
+        Some("zstd") => zstd::decode_all(&req.body[..]).expect("zstd body"),
+        _ => req.body.clone(),
+    };
+    let mut got = Vec::new();
+    for line in body.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_slice(line).expect("json line");
+        let msg = v["message"].as_str().expect("message");
+        let mut w = msg.split(' ');
+        let k: usize = w.nth(1).and_then(|x| x.parse().ok()).expect("file number");
+        let i: u64 = w.nth(1).and_then(|x| x.parse().ok()).expect("line number");
+        assert_eq!(msg, outage_line(k, i), "message intact");
+        got.push((k, i));
+    }
+    let mut r = r.lock().expect("lock");
+    r.deliveries += got.len();
+    r.seen.extend(got);
+    Reply::Status(204, vec![], vec![])
+}
+
+/// One sample of the collector while the backend comes and goes.
+struct Sample {
+    t: Duration,
+    phase: &'static str,
+    rss_kib: u64,
+    lag: u64,
+    delivered: usize,
+}
+
+/// The backend goes away (its port closed: connection refused) for `VOLTAIL_OUTAGE_SECS`
+/// (default 10) under a steady writer that adds `VOLTAIL_OUTAGE_MIB` (default 192) during it,
+/// and comes back. The collector's RSS stays under twice its pre-outage value plus 32 MiB
+/// (the backlog alone is larger, so buffering it in memory fails the test), the lag gauge
+/// rises by about what was written and returns to 0, and every line arrives.
+#[test]
+fn e2e_http_backend_gone_memory_stays_bounded_and_lag_drains() {
+    use voltail_tests::Collector;
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let outage = Duration::from_secs(env("VOLTAIL_OUTAGE_SECS", 10));
+    let backlog_mib = env("VOLTAIL_OUTAGE_MIB", 192);
+    // Bytes per second that put `backlog_mib` on disk during the outage.
+    let rate = (backlog_mib << 20) / outage.as_secs().max(1);
+    let dir = tempfile::tempdir().expect("tmp");
+    let pods = dir.path().join("pods");
+    const FILES: usize = 4;
+    let files: Vec<PathBuf> = (0..FILES)
+        .map(|i| {
+            let d = pods.join(format!("ns1_pod-{i}_uid{i}/app"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            d.join("0.log")
+        })
+        .collect();
+    let received = Arc::new(Mutex::new(Received::default()));
+    let r2 = received.clone();
+    let server = Server::start(move |req| receive(&r2, req));
+    let addr = server.addr;
+    let port = voltail_tests::free_port();
+    let config = dir.path().join("voltail.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+checkpoint_interval = "1s"
+shutdown_timeout = "5s"
+probe = "off"
+[metrics]
+address = "127.0.0.1:{port}"
+# Half the default batch: what the queues may hold (2 queues x 8 batches) stays well inside
+# the bound below, whose slack is 32 MiB; the backlog is what must not be held.
+[batch]
+max_bytes = 524288
+[[sources]]
+name = "pods"
+include = ["{pods}/**/*.log"]
+poll_interval = "100ms"
+discover_interval = "200ms"
+[sink]
+type = "http"
+url = "{url}"
+timeout = "5s"
+"#,
+            data = dir.path().join("data").display(),
+            pods = pods.display(),
+            url = server.url("/ingest"),
+        ),
+    )
+    .expect("write config");
+
+    // Built before the writer starts, so that the writer's clock and the collector's agree.
+    voltail_tests::voltail_bin();
+    // The steady writer: `rate` bytes per second over the files, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (files, stop, written) = (files.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut out: Vec<std::fs::File> = files
+                .iter()
+                .map(|p| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .expect("open log")
+                })
+                .collect();
+            let mut next = vec![0u64; FILES];
+            let (t0, mut bytes) = (Instant::now(), 0u64);
+            let mut k = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+                let mut buf = String::new();
+                while bytes + (buf.len() as u64) < due {
+                    buf.push_str(&outage_line(k, next[k]));
+                    buf.push('\n');
+                    next[k] += 1;
+                    if buf.len() > 64 << 10 {
+                        out[k].write_all(buf.as_bytes()).expect("append");
+                        bytes += buf.len() as u64;
+                        buf.clear();
+                        k = (k + 1) % FILES;
+                    }
+                }
+                if !buf.is_empty() {
+                    out[k].write_all(buf.as_bytes()).expect("append");
+                    bytes += buf.len() as u64;
+                    k = (k + 1) % FILES;
+                }
+                written.store(bytes, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            next
+        })
+    };
+
+    let mut c = Collector::start(&config, port);
+    let t0 = Instant::now();
+    let mut samples: Vec<Sample> = Vec::new();
+    let delivered = || received.lock().expect("lock").seen.len();
+    let lag = |c: &Collector| c.metric("voltail_lag_bytes").map_or(0, |v| v as u64);
+    let sample = |c: &Collector, phase, samples: &mut Vec<Sample>| {
+        samples.push(Sample {
+            t: t0.elapsed(),
+            phase,
+            rss_kib: c.rss_kib().unwrap_or(0),
+            lag: lag(c),
+            delivered: delivered(),
+        });
+    };
+    let run = |c: &Collector, phase, d: Duration, samples: &mut Vec<Sample>| {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            sample(c, phase, samples);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+
+    // 1. Up: the collector keeps up with the writer; its RSS there is the reference.
+    assert!(c.wait_up(Duration::from_secs(30)), "{}", c.log_text());
+    run(&c, "up", Duration::from_secs(5), &mut samples);
+    assert!(
+        delivered() > 0,
+        "lines flow before the outage: {}",
+        c.log_text()
+    );
+    let pre_rss = samples
+        .iter()
+        .rev()
+        .take(8)
+        .map(|s| s.rss_kib)
+        .max()
+        .unwrap_or(0);
+    let pre_lag = lag(&c);
+
+    // 2. Gone: the port is closed; the writer goes on.
+    drop(server);
+    let written_at_outage = written.load(Ordering::SeqCst);
+    let delivered_at_outage = delivered();
+    run(&c, "down", outage, &mut samples);
+    let written_in_outage = written.load(Ordering::SeqCst) - written_at_outage;
+    let outage_lag = lag(&c);
+    assert!(
+        c.child_running(),
+        "the collector survives the outage:\n{}",
+        c.log_text()
+    );
+
+    // 3. Back on the same address; the writer goes on a little, then stops; all drains.
+    let r2 = received.clone();
+    let _server = Server::start_at(addr, move |req| receive(&r2, req));
+    run(&c, "back", Duration::from_secs(2), &mut samples);
+    stop.store(true, Ordering::SeqCst);
+    let counts = writer.join().expect("writer");
+    let total: u64 = counts.iter().sum();
+    let drain = Instant::now() + Duration::from_secs(180);
+    loop {
+        sample(&c, "drain", &mut samples);
+        let s = samples.last().expect("a sample");
+        if s.delivered as u64 >= total && s.lag == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < drain,
+            "not drained: {} of {total} lines, lag {} B; log:\n{}",
+            s.delivered,
+            s.lag,
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let max_rss = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+    let max_lag = samples.iter().map(|s| s.lag).max().unwrap_or(0);
+    let peak = c.peak_rss_kib().unwrap_or(0);
+    let log = c.log_text();
+    assert_eq!(c.stop(), 0, "SIGTERM exits 0");
+    eprintln!("   t (s) phase   RSS (KiB)     lag (B)  delivered");
+    for s in samples.iter().step_by(4) {
+        eprintln!(
+            "{:>8.1} {:<5} {:>11} {:>11} {:>10}",
+            s.t.as_secs_f64(),
+            s.phase,
+            s.rss_kib,
+            s.lag,
+            s.delivered
+        );
+    }
+    let r = received.lock().expect("lock");
+    eprintln!(
+        "e2e outage: {outage:?} down, {} MiB written meanwhile ({} MiB/s), {total} lines; RSS \
+         before {pre_rss} KiB, max sampled {max_rss} KiB, peak (VmHWM) {peak} KiB; lag before \
+         {pre_lag} B, at the end of the outage {outage_lag} B, max {max_lag} B; {} delivered \
+         before the outage, {} deliveries in all ({} again)",
+        written_in_outage >> 20,
+        rate >> 20,
+        delivered_at_outage,
+        r.deliveries,
+        r.deliveries - r.seen.len(),
+    );
+    let bound = 2 * pre_rss + 32 * 1024;
+    assert!(
+        written_in_outage / 1024 > bound,
+        "the outage backlog ({} KiB) must exceed the RSS bound ({bound} KiB), or the bound \
+         proves nothing: raise VOLTAIL_OUTAGE_MIB",
+        written_in_outage / 1024
+    );
+    assert!(
+        max_rss < bound && peak < bound,
+        "RSS {max_rss} KiB (peak {peak} KiB) above 2 x {pre_rss} KiB + 32 MiB"
+    );
+    assert!(
+        outage_lag >= pre_lag + written_in_outage / 2,
+        "lag rose by less than half of the {written_in_outage} B written while the backend \
+         was gone: {pre_lag} -> {outage_lag} B"
+    );
+    let missing: Vec<(usize, u64)> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &n)| (0..n).map(move |i| (k, i)))
+        .filter(|p| !r.seen.contains(p))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lines never delivered, e.g. {missing:?}"
+    );
+    assert_eq!(r.seen.len() as u64, total, "nothing unexpected");
+    assert!(!log.contains(" ERROR "), "no data put at risk; log:\n{log}");
+}

@@ -63,7 +63,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Server {
-        Server::start_with(None, handler)
+        Server::start_with(None, "127.0.0.1:0".parse().expect("addr"), handler)
+    }
+
+    /// Serves at `addr` (e.g. the address of a server that was dropped: the backend is back).
+    pub fn start_at(
+        addr: SocketAddr,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Server {
+        Server::start_with(None, addr, handler)
     }
 
     /// Serves HTTPS with `tls`.
@@ -71,14 +79,15 @@ impl Server {
         tls: Arc<rustls::ServerConfig>,
         handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
     ) -> Server {
-        Server::start_with(Some(tls), handler)
+        Server::start_with(Some(tls), "127.0.0.1:0".parse().expect("addr"), handler)
     }
 
     fn start_with(
         tls: Option<Arc<rustls::ServerConfig>>,
+        at: SocketAddr,
         handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
     ) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind(at).unwrap_or_else(|e| panic!("bind {at}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));

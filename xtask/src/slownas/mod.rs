@@ -17,6 +17,10 @@
 //! [`OpStats`] counts operations and, when asked, records when each file was last stat'ed or
 //! read, which is how the bench measures a collector's poll round from the filesystem's side.
 //!
+//! [`SlowNas::faults`] injects filesystem errors while mounted (see [`faults`]): chosen
+//! operations on chosen paths fail with EIO, ESTALE or any errno, and directories vanish from
+//! their parent and come back, the failures a collector meets on a real NAS.
+//!
 //! The mount goes away when the [`SlowNas`] is dropped (lazily, and by aborting the FUSE
 //! connection if something still holds files open), so a failed bench does not leave it behind.
 
@@ -31,6 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+
+pub mod faults;
+
+use self::faults::{Faults, Op};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -175,6 +183,7 @@ struct Inner {
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     stats: Arc<OpStats>,
+    faults: Arc<Faults>,
 }
 
 fn errno(e: &std::io::Error) -> Errno {
@@ -194,6 +203,18 @@ fn systime(secs: i64, nsecs: i64) -> SystemTime {
 }
 
 impl Inner {
+    /// The error a fault injects for `op` on the real path `path`, if any.
+    fn fault(&self, op: Op, path: &Path) -> Option<Errno> {
+        let rel = path.strip_prefix(&self.source).unwrap_or(path);
+        self.faults.error(op, rel).map(Errno::from_i32)
+    }
+
+    /// Whether the real directory `path` is hidden by a fault.
+    fn hidden(&self, path: &Path) -> bool {
+        let rel = path.strip_prefix(&self.source).unwrap_or(path);
+        self.faults.hidden(rel)
+    }
+
     fn path(&self, ino: INodeNo) -> Option<PathBuf> {
         if ino.0 == 1 {
             return Some(self.source.clone());
@@ -241,6 +262,9 @@ impl Inner {
     fn entry(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
         let dir = self.path(parent).ok_or(Errno::ENOENT)?;
         let path = dir.join(name);
+        if let Some(e) = self.fault(Op::Lookup, &path) {
+            return Err(e);
+        }
         let m = std::fs::symlink_metadata(&path).map_err(|e| errno(&e))?;
         let ino = if parent.0 == 1 && name == ".." {
             1
@@ -305,6 +329,9 @@ impl Filesystem for SlowFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         self.slow(move |fs| {
             fs.stats.getattr.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = fs.path(ino).and_then(|p| fs.fault(Op::Getattr, &p)) {
+                return reply.error(e);
+            }
             let file = fh.and_then(|fh| fs.files.lock().expect("files lock").get(&fh.0).cloned());
             let m = match file {
                 Some(f) => f.metadata(),
@@ -369,6 +396,9 @@ impl Filesystem for SlowFs {
             let Some(path) = fs.path(ino) else {
                 return reply.error(Errno::ENOENT);
             };
+            if let Some(e) = fs.fault(Op::Open, &path) {
+                return reply.error(e);
+            }
             let acc = flags.0 & libc::O_ACCMODE;
             let r = OpenOptions::new()
                 .read(acc == libc::O_RDONLY || acc == libc::O_RDWR)
@@ -401,6 +431,9 @@ impl Filesystem for SlowFs {
         self.slow(move |fs| {
             fs.stats.read.fetch_add(1, Ordering::Relaxed);
             fs.stats.touch(ino.0);
+            if let Some(e) = fs.path(ino).and_then(|p| fs.fault(Op::Read, &p)) {
+                return reply.error(e);
+            }
             let Some(f) = fs.files.lock().expect("files lock").get(&fh.0).cloned() else {
                 return reply.error(Errno::EBADF);
             };
@@ -492,6 +525,9 @@ impl Filesystem for SlowFs {
         let Some(path) = fs.path(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        if let Some(e) = fs.fault(Op::Readdir, &path) {
+            return reply.error(e);
+        }
         let list = (|| -> std::io::Result<Vec<(u64, FileType, OsString)>> {
             let dev = std::fs::metadata(&path)?.dev();
             let mut v = vec![
@@ -500,6 +536,9 @@ impl Filesystem for SlowFs {
             ];
             for e in std::fs::read_dir(&path)? {
                 let e = e?;
+                if fs.hidden(&e.path()) {
+                    continue;
+                }
                 let kind = e.file_type().map(kind_of).unwrap_or(FileType::RegularFile);
                 let ino = fs.ino_for(dev, e.ino(), e.path());
                 v.push((ino, kind, e.file_name()));
@@ -684,6 +723,7 @@ pub struct SlowNas {
     mount: PathBuf,
     session: Option<fuser::BackgroundSession>,
     stats: Arc<OpStats>,
+    faults: Arc<Faults>,
     opts: Options,
 }
 
@@ -706,6 +746,7 @@ impl SlowNas {
             .canonicalize()
             .with_context(|| format!("mount point {}", mount.display()))?;
         let stats = Arc::new(OpStats::default());
+        let faults = Arc::new(Faults::default());
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         for i in 0..opts.threads.max(1) {
             let rx = rx.clone();
@@ -733,6 +774,7 @@ impl SlowNas {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(0),
             stats: stats.clone(),
+            faults: faults.clone(),
         });
         let fs = SlowFs { inner, pool: tx };
         let mut cfg = fuser::Config::default();
@@ -763,6 +805,7 @@ impl SlowNas {
             mount,
             session: Some(session),
             stats,
+            faults,
             opts,
         })
     }
@@ -775,6 +818,11 @@ impl SlowNas {
     /// Its operation counters.
     pub fn stats(&self) -> &Arc<OpStats> {
         &self.stats
+    }
+
+    /// The faults it injects: add and lift them while a collector reads the mount.
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
     }
 
     /// Unmounts now, reporting errors (dropping does the same, silently).
@@ -802,7 +850,17 @@ impl SlowNas {
             // SAFETY: as above.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             if let Ok(minor) = minor {
-                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+                let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+                if !Path::new(&abort).exists() {
+                    // The FUSE control filesystem is not mounted (containers often lack it):
+                    // without it the session would wait for the last open file forever.
+                    let (none, at, ty) = (c"none", c"/sys/fs/fuse/connections", c"fusectl");
+                    // SAFETY: valid NUL-terminated strings that outlive the call; no data.
+                    unsafe {
+                        libc::mount(none.as_ptr(), at.as_ptr(), ty.as_ptr(), 0, std::ptr::null())
+                    };
+                }
+                let _ = std::fs::write(abort, "1");
             }
         }
         session
@@ -824,15 +882,103 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    /// Mounting needs root and /dev/fuse; elsewhere the mount tests say so and pass.
+    /// Mounting needs root and /dev/fuse; elsewhere the mount tests say so and pass, except
+    /// under `CI=true`, where they must run.
     fn can_mount() -> bool {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if !(root && Path::new("/dev/fuse").exists()) {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "CI=true: the FUSE tests must run, as root with /dev/fuse"
+            );
             eprintln!("skipped: mounting FUSE needs root and /dev/fuse");
             return false;
         }
         true
+    }
+
+    fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>) -> Option<i32> {
+        r.err().and_then(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn injected_faults_fail_reads_and_stats_and_hide_directories() {
+        use super::faults::Fault;
+        if !can_mount() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, mnt) = (dir.path().join("src"), dir.path().join("mnt"));
+        for pod in ["pod-1", "pod-2"] {
+            std::fs::create_dir_all(src.join("app").join(pod)).expect("mkdir");
+            std::fs::write(src.join("app").join(pod).join("access.log"), "line\n").expect("write");
+        }
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        let opts = Options {
+            latency: Duration::ZERO,
+            entry_ttl: Duration::ZERO,
+            direct_io: true,
+            ..Default::default()
+        };
+        let nas = SlowNas::mount(&src, &mnt, opts).expect("mount");
+        let (p1, p2) = (
+            mnt.join("app/pod-1/access.log"),
+            mnt.join("app/pod-2/access.log"),
+        );
+        let (f1, f2) = (
+            File::open(&p1).expect("open"),
+            File::open(&p2).expect("open"),
+        );
+        let mut buf = [0u8; 16];
+
+        // EIO on reads of one pod: the other reads on.
+        let eio = nas
+            .faults()
+            .add(Fault::fail(&[Op::Read], "app/pod-1", libc::EIO));
+        assert_eq!(errno_of(f1.read_at(&mut buf, 0)), Some(libc::EIO));
+        assert_eq!(f2.read_at(&mut buf, 0).expect("other pod reads"), 5);
+        assert_eq!(std::fs::metadata(&p1).expect("stat still works").len(), 5);
+        nas.faults().lift(eio);
+        assert_eq!(f1.read_at(&mut buf, 0).expect("read after lifting"), 5);
+
+        // ESTALE on stats and opens: by path and by descriptor.
+        let stale = nas.faults().add(Fault::fail(
+            &[Op::Getattr, Op::Open],
+            "app/pod-1/access.log",
+            libc::ESTALE,
+        ));
+        assert_eq!(errno_of(std::fs::metadata(&p1)), Some(libc::ESTALE));
+        assert_eq!(errno_of(f1.metadata()), Some(libc::ESTALE));
+        assert_eq!(errno_of(File::open(&p1)), Some(libc::ESTALE));
+        assert!(std::fs::metadata(&p2).is_ok());
+        nas.faults().lift(stale);
+        assert!(f1.metadata().is_ok());
+
+        // A vanished directory: gone by name, not listed; open descriptors keep reading.
+        let hide = nas.faults().add(Fault::hide("app/pod-2"));
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .expect("readdir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&mnt.join("app")), ["pod-1"]);
+        assert_eq!(errno_of(std::fs::metadata(&p2)), Some(libc::ENOENT));
+        assert_eq!(f2.read_at(&mut buf, 0).expect("open descriptor reads"), 5);
+        nas.faults().lift(hide);
+        assert_eq!(names(&mnt.join("app")), ["pod-1", "pod-2"]);
+        assert!(std::fs::metadata(&p2).is_ok());
+        assert!(nas.faults().injected() >= 6);
+
+        // Unmounting with files still open detaches the mount and aborts the connection
+        // (mounting the FUSE control filesystem if needed) instead of waiting for them.
+        drop(nas);
+        assert_eq!(errno_of(f1.read_at(&mut buf, 0)), Some(libc::ENOTCONN));
+        drop((f1, f2));
     }
 
     #[test]
