@@ -9,6 +9,7 @@
 
 mod bench;
 mod nginx;
+mod receiver;
 mod report;
 mod runner;
 mod slownas;
