@@ -505,6 +505,8 @@ mod imp {
             };
             self.producer.poll(Duration::ZERO);
             self.collect(tag, &mut states);
+            // Only errors seen while this batch is delivered explain its failure.
+            let _ = self.last_error();
             let names: Vec<(String, Option<String>)> = batch
                 .files
                 .iter()
