@@ -433,6 +433,9 @@ impl Template {
         let mut rest = s;
         while let Some(open) = rest.find('{') {
             if open > 0 {
+                if rest[..open].contains('}') {
+                    return Err(format!("unopened }} in {s:?}"));
+                }
                 parts.push(Part::Lit(rest[..open].to_string()));
             }
             let after = &rest[open + 1..];
@@ -577,6 +580,15 @@ mod tests {
         assert!(Template::parse("a{b").is_err());
         assert!(Template::parse("a}b").is_err());
         assert!(Template::parse("a{}b").is_err());
+    }
+
+    #[test]
+    fn unopened_brace_before_a_tag_is_refused() {
+        // Regression (fuzz target `http_encoder`): a `}` was refused only after the last tag,
+        // so `logs}-{ns}` validated and rendered as `logs}-prod`.
+        assert!(Template::parse("logs}-{ns}").is_err());
+        assert!(Template::parse("{ns}}-{pod}").is_err());
+        assert!(Template::parse("{ns}-{pod}").is_ok());
     }
 
     #[test]

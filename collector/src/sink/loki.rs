@@ -3,7 +3,9 @@
 //! A stream is a set of labels: the configured static labels plus the file's tags named in the
 //! `labels` allow-list (`source` names the source), so label cardinality stays what the operator
 //! chose. The other tags and the file path go with each entry as structured metadata (Loki 2.9+)
-//! or, with `extra = "json"`, into the line as a JSON object (`| json` in LogQL).
+//! or, with `extra = "json"`, into the line as a JSON object (`| json` in LogQL); a tag named
+//! `file` (or `message` in a JSON line) goes as `file_extracted` (`message_extracted`). A tag
+//! named `source` is never a label (the `source` label is the source name).
 //!
 //! Entries of a stream are sent in file order with non-decreasing timestamps: an entry whose
 //! collection time is before the previous one's (clock steps, two files of one stream read out of
@@ -237,6 +239,17 @@ struct FileRender {
     json_tail: Vec<u8>,
 }
 
+/// The name a tag that is not a label goes by in an entry: a tag named like one of the entry's
+/// own fields (`own`: `file`, and `message` in a JSON line) takes the suffix `_extracted`, as
+/// Loki names a parsed label that clashes with a stream label, so no name is there twice.
+pub(crate) fn extra_name<'a>(tag: &'a str, own: &[&str]) -> std::borrow::Cow<'a, str> {
+    if own.contains(&tag) {
+        format!("{tag}_extracted").into()
+    } else {
+        tag.into()
+    }
+}
+
 /// Escapes a label value for the `{name="value"}` form.
 fn push_label_value(v: &str, out: &mut String) {
     for c in v.chars() {
@@ -304,8 +317,10 @@ impl LokiSink {
         s
     }
 
-    /// Builds the push request for `batch`, and the last timestamp of each stream in it.
-    fn request(&self, batch: &Batch) -> Result<(proto::PushRequest, Vec<u128>), SinkError> {
+    /// Builds the push request for `batch` (what `send` encodes and snappy-compresses), and the
+    /// last timestamp of each stream in it. Changes nothing: `send` records the timestamps only
+    /// once the push is acknowledged. Public for the `loki_request` fuzz target.
+    pub fn request(&self, batch: &Batch) -> Result<(proto::PushRequest, Vec<u128>), SinkError> {
         let mut streams: Vec<proto::Stream> = Vec::new();
         let mut last: Vec<u128> = Vec::new();
         let mut by_labels: HashMap<String, usize> = HashMap::new();
@@ -324,7 +339,8 @@ impl LokiSink {
             let rest = m
                 .tags
                 .iter()
-                .filter(|(k, _)| !self.labels.contains(k))
+                // The `source` label is the source name: a tag named `source` is not it.
+                .filter(|(k, _)| k == "source" || !self.labels.contains(k))
                 .map(|(k, v)| (k.as_str(), v.as_str()));
             let mut metadata = Vec::new();
             let mut json_tail = Vec::new();
@@ -335,7 +351,7 @@ impl LokiSink {
                         value: m.path.clone(),
                     });
                     metadata.extend(rest.map(|(k, v)| proto::LabelPair {
-                        name: k.into(),
+                        name: extra_name(k, &["file"]).into_owned(),
                         value: v.into(),
                     }));
                 }
@@ -344,7 +360,10 @@ impl LokiSink {
                     escape_json(m.path.as_bytes(), &mut json_tail);
                     for (k, v) in rest {
                         json_tail.extend_from_slice(b"\",\"");
-                        escape_json(k.as_bytes(), &mut json_tail);
+                        escape_json(
+                            extra_name(k, &["message", "file"]).as_bytes(),
+                            &mut json_tail,
+                        );
                         json_tail.extend_from_slice(b"\":\"");
                         escape_json(v.as_bytes(), &mut json_tail);
                     }
@@ -434,6 +453,8 @@ impl Sink for LokiSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::{BatchBuilder, BatchLimits, Timestamp};
+    use std::sync::Arc;
 
     #[test]
     fn label_names_and_values() {
@@ -446,5 +467,59 @@ mod tests {
         assert_eq!(s, "a\\\"b\\\\c\\nd");
         assert_eq!(decode_event(b"12 a b\n"), Some((12, &b"a b"[..])));
         assert_eq!(decode_event(b"x a"), None);
+    }
+
+    #[test]
+    fn tags_named_source_file_or_message_are_kept_apart() {
+        // Regression (fuzz target `loki_request`): a tag named `source` was dropped when `source`
+        // was a label, and one named `file` or `message` put that name in an entry twice.
+        let tags = [("source", "t"), ("file", "x.log"), ("message", "m")];
+        let m = Arc::new(FileMeta::new(
+            1,
+            Arc::from("s"),
+            "/f".into(),
+            tags.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            7,
+        ));
+        let limits = BatchLimits {
+            max_bytes: 1 << 10,
+            max_events: 8,
+            linger: Duration::from_secs(1),
+        };
+        let mut b = BatchBuilder::new(limits, Box::new(LokiEncoder));
+        b.push(&m, b"hi", 0, &Timestamp::now());
+        let batch = b.take().expect("one event");
+        let request = |extra: &str| {
+            let cfg: LokiSinkConfig =
+                toml::from_str(&format!("endpoint = \"http://l\"\nextra = \"{extra}\""))
+                    .expect("cfg");
+            let (req, _) = LokiSink::new(&cfg)
+                .expect("sink")
+                .request(&batch)
+                .expect("request");
+            assert_eq!(req.streams[0].labels, "{source=\"s\"}");
+            req.streams[0].entries[0].clone()
+        };
+        let e = request("metadata");
+        let names: Vec<(&str, &str)> = e
+            .structured_metadata
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("file", "/f"),
+                ("source", "t"),
+                ("file_extracted", "x.log"),
+                ("message", "m")
+            ]
+        );
+        assert_eq!(
+            request("json").line,
+            r#"{"message":"hi","file":"/f","source":"t","file_extracted":"x.log","message_extracted":"m"}"#
+        );
     }
 }

@@ -2,11 +2,12 @@
 //!
 //! Each file's events become a protobuf `LogGroup` (`POST /logstores/<logstore>/shards/lb` on
 //! `<project>.<endpoint>`): one `Log` per event with the line under `content` and the collection
-//! time (`Time` + `Time_ns`); the path tags and `__path__` as `LogTags`; the topic rendered from
-//! the path tags (`topic = "{app}"`); `Source` the collector's host name. Bodies are lz4 (raw
-//! block, SLS's default) or zstd, and every request is signed as the SLS API describes (HMAC-SHA1
-//! over the verb, `Content-MD5`, `Content-Type`, `Date`, the sorted `x-log-`/`x-acs-` headers
-//! and the resource).
+//! time (`Time` + `Time_ns`); the path tags and `__path__` as `LogTags` (a tag named
+//! `__path__` as `__path___extracted`); the topic rendered from the path tags
+//! (`topic = "{app}"`); `Source` the collector's host name. Bodies are lz4 (raw block, SLS's
+//! default) or zstd, and every request is signed as the SLS API describes (HMAC-SHA1 over the
+//! verb, `Content-MD5`, `Content-Type`, `Date`, the sorted `x-log-`/`x-acs-` headers and the
+//! resource).
 //!
 //! A batch holding several files takes several requests; when one fails after others
 //! succeeded, only the groups not yet accepted are sent when the uploader retries the batch.
@@ -317,8 +318,9 @@ impl SlsSink {
         })
     }
 
-    /// The batch's events as `LogGroup`s: per file, cut at the API's limits.
-    fn groups(&self, batch: &Batch) -> Result<Vec<proto::LogGroup>, SinkError> {
+    /// The batch's events as `LogGroup`s (what `send` encodes, compresses and signs, one
+    /// request each): per file, cut at the API's limits. Public for the `sls_groups` fuzz target.
+    pub fn groups(&self, batch: &Batch) -> Result<Vec<proto::LogGroup>, SinkError> {
         let mut groups: Vec<proto::LogGroup> = Vec::new();
         // Index in `groups` of the open group of each file, and its raw size so far.
         let mut open: HashMap<u32, (usize, usize)> = HashMap::new();
@@ -346,7 +348,7 @@ impl SlsSink {
                         value: m.path.clone(),
                     }];
                     tags.extend(m.tags.iter().map(|(k, v)| proto::LogTag {
-                        key: k.clone(),
+                        key: super::loki::extra_name(k, &["__path__"]).into_owned(),
                         value: v.clone(),
                     }));
                     groups.push(proto::LogGroup {
@@ -462,6 +464,44 @@ impl Sink for SlsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::{BatchBuilder, BatchLimits, FileMeta, Timestamp};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_tag_named_path_does_not_repeat_the_path_tag() {
+        // Regression (fuzz target `sls_groups`): a tag named `__path__` made a second
+        // `__path__` log tag.
+        let m = Arc::new(FileMeta::new(
+            1,
+            Arc::from("s"),
+            "/f".into(),
+            vec![("__path__".into(), "p".into())],
+            7,
+        ));
+        let limits = BatchLimits {
+            max_bytes: 1 << 10,
+            max_events: 8,
+            linger: Duration::from_secs(1),
+        };
+        let mut b = BatchBuilder::new(limits, Box::new(SlsEncoder));
+        b.push(&m, b"hi", 0, &Timestamp::now());
+        let batch = b.take().expect("one event");
+        let cfg: SlsSinkConfig = toml::from_str(
+            "endpoint = \"https://x\"\nproject = \"p\"\nlogstore = \"l\"\n\
+             access_key_id = \"i\"\naccess_key_secret = \"s\"\nsource = \"h\"",
+        )
+        .expect("cfg");
+        let groups = SlsSink::new(&cfg)
+            .expect("sink")
+            .groups(&batch)
+            .expect("groups");
+        let tags: Vec<(&str, &str)> = groups[0]
+            .log_tags
+            .iter()
+            .map(|t| (t.key.as_str(), t.value.as_str()))
+            .collect();
+        assert_eq!(tags, [("__path__", "/f"), ("__path___extracted", "p")]);
+    }
 
     #[test]
     fn canonical_headers_are_sorted_and_filtered() {

@@ -29,7 +29,8 @@ pub mod uring;
 #[cfg(test)]
 mod conformance;
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -161,6 +162,11 @@ pub struct Tailer {
     opts: TailerOptions,
     shard: Option<crate::config::Shard>,
     files: HashMap<FileKey, Tracked>,
+    /// When each file must be looked at next: an entry at every `next_due` ever set, plus
+    /// one at the time a partial line is to be flushed. Entries whose file is gone or whose
+    /// time passed without the file being due are stale and skipped, so a round costs
+    /// O(due files x log files), not a scan of every tracked file (10,000 idle files).
+    schedule: BinaryHeap<Reverse<(Instant, FileKey)>>,
     by_path: HashMap<PathBuf, FileKey>,
     by_ino: HashMap<(u64, u64), FileKey>,
     /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
@@ -240,6 +246,7 @@ impl Tailer {
             shard: p.opts.shard,
             opts: p.opts,
             files: HashMap::new(),
+            schedule: BinaryHeap::new(),
             by_path: HashMap::new(),
             by_ino: HashMap::new(),
             restore,
@@ -308,14 +315,52 @@ impl Tailer {
         if let Some(d) = self.builder.due_at() {
             wake = wake.min(d);
         }
-        for f in self.files.values() {
-            wake = wake.min(f.next_due);
-            if f.framer.pending() > 0 {
-                let s = &self.sources[f.source].cfg;
-                wake = wake.min(f.last_change + s.flush_partial_after.0);
-            }
+        if let Some(Reverse((t, _))) = self.schedule.peek() {
+            wake = wake.min(*t);
         }
         wake
+    }
+
+    /// Whether file `k` has something to do at `now`: its poll is due, or a partial line
+    /// waits to be flushed.
+    fn is_due(&self, k: FileKey, now: Instant) -> bool {
+        self.files.get(&k).is_some_and(|f| {
+            f.next_due <= now
+                || (f.framer.pending() > 0
+                    && f.last_change + self.sources[f.source].cfg.flush_partial_after.0 <= now)
+        })
+    }
+
+    /// Takes the files due at `now` off the schedule, each once.
+    fn take_due(&mut self, now: Instant) -> Vec<FileKey> {
+        let mut due = Vec::new();
+        while let Some(&Reverse((t, k))) = self.schedule.peek() {
+            if t > now {
+                break;
+            }
+            self.schedule.pop();
+            if self.is_due(k, now) {
+                due.push(k);
+            }
+        }
+        due.sort_unstable();
+        due.dedup();
+        due
+    }
+
+    /// Drops stale entries from the top of the schedule so the next wake-up is a real one.
+    fn prune_schedule(&mut self) {
+        while let Some(&Reverse((t, k))) = self.schedule.peek() {
+            let live = self.files.get(&k).is_some_and(|f| {
+                f.next_due == t
+                    || (f.framer.pending() > 0
+                        && f.last_change + self.sources[f.source].cfg.flush_partial_after.0 == t)
+            });
+            if live {
+                break;
+            }
+            self.schedule.pop();
+        }
     }
 
     fn send(&mut self, b: Batch, give_up: &AtomicBool) -> bool {
@@ -348,6 +393,7 @@ impl Tailer {
                     if let Some(f) = self.files.get_mut(k) {
                         if f.next_due > now {
                             f.next_due = now;
+                            self.schedule.push(Reverse((now, *k)));
                             self.events.probe_wakeup();
                         }
                     }
@@ -570,6 +616,7 @@ impl Tailer {
         }
         self.by_ino.insert((st.dev, st.ino), key);
         self.files.insert(key, t);
+        self.schedule.push(Reverse((now, key)));
         self.events.file_opened();
     }
 
@@ -704,13 +751,9 @@ impl Tailer {
 
     /// One round over the due files. Returns whether some file has more to read right away.
     fn round(&mut self, now: Instant) -> bool {
-        let due: Vec<FileKey> = self
-            .files
-            .values()
-            .filter(|f| f.next_due <= now)
-            .map(|f| f.key)
-            .collect();
+        let due = self.take_due(now);
         if due.is_empty() {
+            self.prune_schedule();
             return false;
         }
         let started = Instant::now();
@@ -750,6 +793,7 @@ impl Tailer {
                 self.consider(c, now, false);
             }
         }
+        self.prune_schedule();
         self.events.poll_round(started.elapsed());
         more
     }
@@ -879,6 +923,7 @@ impl Tailer {
         f.acked_sent = 0;
         f.last_change = now;
         f.next_due = now;
+        self.schedule.push(Reverse((now, k)));
         self.builder.update(FileUpdate::Identity {
             key: k,
             id: f.id,
@@ -1086,6 +1131,10 @@ impl Tailer {
                 (f.interval * 2).min(cap)
             };
             f.next_due = now + f.interval;
+            self.schedule.push(Reverse((f.next_due, k)));
+        } else if f.next_due <= now {
+            // Still due (a backlog): again in the very next round.
+            self.schedule.push(Reverse((f.next_due, k)));
         }
         let quiet = now.duration_since(f.last_change);
         let finished = f.orphan && f.read_off >= f.size && quiet >= s.rotate_wait.0;
@@ -1106,6 +1155,11 @@ impl Tailer {
                 self.builder.ack(k, framed);
             }
             self.events.read(0, lines);
+        } else if f.framer.pending() > 0 {
+            let at = f.last_change + s.flush_partial_after.0;
+            if at < f.next_due {
+                self.schedule.push(Reverse((at, k)));
+            }
         }
         if finished {
             let f = self.files.remove(&k).expect("present above");

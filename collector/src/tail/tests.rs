@@ -48,8 +48,30 @@ fn backend(i: usize) -> Box<dyn ReadBackend> {
     }
 }
 
+/// Counts the stat calls the tailer makes through the backend it wraps.
+#[derive(Debug)]
+struct Counting {
+    inner: Box<dyn ReadBackend>,
+    stats: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ReadBackend for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn stat_batch(&mut self, ops: &mut [StatOp<'_>]) {
+        self.stats
+            .fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.stat_batch(ops);
+    }
+    fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) {
+        self.inner.read_batch(ops);
+    }
+}
+
 struct Harness {
     root: PathBuf,
+    stats: Arc<std::sync::atomic::AtomicU64>,
     backend: usize,
     extra: String,
     tailer: Option<Tailer>,
@@ -70,6 +92,7 @@ impl Harness {
     fn on(root: &Path, extra: &str, backend: usize) -> Harness {
         let mut h = Harness {
             root: root.to_path_buf(),
+            stats: Arc::default(),
             backend,
             extra: extra.to_string(),
             tailer: None,
@@ -86,8 +109,13 @@ impl Harness {
     }
 
     fn start(&mut self) {
+        let max_poll = if self.extra.contains("max_poll_interval") {
+            ""
+        } else {
+            "max_poll_interval = \"1s\"\n"
+        };
         let src: SourceConfig = toml::from_str(&format!(
-            "name = \"t\"\ninclude = [\"{}/*/app.log\"]\npoll_interval = \"1s\"\nmax_poll_interval = \"1s\"\n\
+            "name = \"t\"\ninclude = [\"{}/*/app.log\"]\npoll_interval = \"1s\"\n{max_poll}\
              rotate_wait = \"1s\"\nflush_partial_after = \"3s\"\n{}",
             self.root.display(),
             self.extra
@@ -98,7 +126,10 @@ impl Harness {
         let tailer = Tailer::new(TailerParts {
             sources: vec![SourceRt::new(&src).expect("source")],
             discovery: Discovery::new(&[src], None).expect("discovery"),
-            backend: backend(self.backend),
+            backend: Box::new(Counting {
+                inner: backend(self.backend),
+                stats: Arc::clone(&self.stats),
+            }),
             builder: BatchBuilder::new(
                 BatchLimits {
                     max_bytes: 1 << 20,
@@ -284,6 +315,46 @@ fn partial_line_waits_then_flushes() {
         "flushed after flush_partial_after"
     );
     assert_eq!(h.delivered[2].offset, 16);
+}
+
+#[test]
+fn idle_files_are_stated_once_per_interval_and_not_between() {
+    let d = tempfile::tempdir().expect("tmp");
+    for i in 0..50 {
+        append(&d.path().join(format!("pod{i}/app.log")), "line\n");
+    }
+    // Backs off to 8 s: 1, 2, 4, 8.
+    let mut h = Harness::new(d.path(), "max_poll_interval = \"8s\"");
+    h.step(true);
+    assert_eq!(h.messages().len(), 50);
+    let count = |h: &Harness| h.stats.load(std::sync::atomic::Ordering::Relaxed);
+    // Let every file reach the 8 s interval, then count 16 s of steps.
+    for _ in 0..20 {
+        h.step(true);
+    }
+    let before = count(&h);
+    let mut busy_steps = 0;
+    for _ in 0..16 {
+        let b = count(&h);
+        h.step(true);
+        busy_steps += usize::from(count(&h) > b);
+    }
+    assert_eq!(
+        count(&h) - before,
+        100,
+        "each of 50 files stated twice in 16 s"
+    );
+    assert!(
+        busy_steps <= 2,
+        "the files stay in step: {busy_steps} rounds, not one per file"
+    );
+    let t = h.tailer.as_mut().expect("tailer");
+    assert!(
+        t.schedule.len() <= 2 * t.files.len(),
+        "schedule holds {} entries for {} files",
+        t.schedule.len(),
+        t.files.len()
+    );
 }
 
 #[test]
