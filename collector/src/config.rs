@@ -258,6 +258,9 @@ pub struct MultilineConfig {
     pub start_pattern: Spanned<String>,
 }
 
+/// The highest `concurrency` a network sink takes.
+pub const MAX_CONCURRENCY: usize = 64;
+
 /// `[sink]`: where batches go.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -291,6 +294,29 @@ impl SinkConfig {
             SinkConfig::Sls(s) => s.stage_compression(),
         }
     }
+
+    /// `concurrency`: how many batches may be in flight to the backend at once.
+    pub fn concurrency(&self) -> usize {
+        match self {
+            SinkConfig::File(f) => f.concurrency,
+            SinkConfig::Http(s) => s.concurrency,
+            SinkConfig::Clickhouse(s) => s.concurrency,
+            SinkConfig::Elasticsearch(s) => s.concurrency,
+            SinkConfig::Loki(s) => s.concurrency,
+            SinkConfig::Kafka(s) => s.concurrency,
+            SinkConfig::Sls(s) => s.concurrency,
+        }
+    }
+
+    /// How many sink instances (lanes) the uploader drives in parallel. Kafka runs one: its
+    /// producer pipelines inside librdkafka, where `concurrency` bounds the produce requests
+    /// in flight per broker instead (`max.in.flight.requests.per.connection`).
+    pub fn lanes(&self) -> usize {
+        match self {
+            SinkConfig::Kafka(_) => 1,
+            other => other.concurrency(),
+        }
+    }
 }
 
 /// `[sink] type = "file"`.
@@ -308,6 +334,9 @@ pub struct FileSinkConfig {
     /// A segment is closed and the next one started past this size.
     #[serde(default = "defaults::segment_max_bytes")]
     pub segment_max_bytes: u64,
+    /// Batches in flight: always 1, the segments are written in order with one cursor.
+    #[serde(default = "defaults::file_concurrency")]
+    pub concurrency: usize,
 }
 
 mod defaults {
@@ -374,6 +403,9 @@ mod defaults {
     }
     pub fn segment_max_bytes() -> u64 {
         128 << 20
+    }
+    pub fn file_concurrency() -> usize {
+        1
     }
 }
 
@@ -608,6 +640,18 @@ impl Config {
             let span = self.sink.as_ref().map(|s| s.span()).unwrap_or(0..0);
             bad(span, format!("sink.{key}"), message)
         };
+        let (most, why) = match self.sink() {
+            SinkConfig::File(_) => (1, "the file sink writes its segments in order"),
+            SinkConfig::Kafka(_) => (5, "librdkafka's limit with enable.idempotence"),
+            _ => (MAX_CONCURRENCY, "higher is not useful"),
+        };
+        let c = self.sink().concurrency();
+        if c == 0 || c > most {
+            return Err(sink_bad(
+                "concurrency",
+                format!("must be in 1..={most} ({why})"),
+            ));
+        }
         match self.sink() {
             SinkConfig::Http(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
             SinkConfig::Clickhouse(s) => s.validate().map_err(|(k, m)| sink_bad(k, m))?,
@@ -782,6 +826,31 @@ path = "/tmp/out"
             .expect_err("typo")
             .to_string();
         assert!(e.contains("unknown field `pol_interval`"), "{e}");
+    }
+
+    #[test]
+    fn concurrency_defaults_and_bounds() {
+        let file = "[sink]\ntype = \"file\"\npath = \"/tmp/out\"\n";
+        let c = parse(GOOD).expect("good");
+        assert_eq!((c.sink().concurrency(), c.sink().lanes()), (1, 1));
+        let e = parse(&GOOD.replace(file, &format!("{file}concurrency = 2\n")))
+            .expect_err("file sink in parallel")
+            .to_string();
+        assert!(e.contains("sink.concurrency: must be in 1..=1"), "{e}");
+        let http = "[sink]\ntype = \"http\"\nurl = \"http://x/\"\n";
+        let c = parse(&GOOD.replace(file, http)).expect("http");
+        assert_eq!((c.sink().concurrency(), c.sink().lanes()), (4, 4));
+        let e = parse(&GOOD.replace(file, &format!("{http}concurrency = 0\n")))
+            .expect_err("zero")
+            .to_string();
+        assert!(e.contains("sink.concurrency"), "{e}");
+        let kafka = "[sink]\ntype = \"kafka\"\nbrokers = \"k:9092\"\ntopic = \"t\"\n";
+        let c = parse(&GOOD.replace(file, kafka)).expect("kafka");
+        assert_eq!((c.sink().concurrency(), c.sink().lanes()), (5, 1));
+        let e = parse(&GOOD.replace(file, &format!("{kafka}concurrency = 6\n")))
+            .expect_err("above librdkafka's limit")
+            .to_string();
+        assert!(e.contains("enable.idempotence"), "{e}");
     }
 
     #[test]

@@ -129,8 +129,10 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     };
     events.checkpoint_loaded(outcome);
 
-    let mut sink = crate::sink::build(cfg)?;
-    sink.recover(loaded.cursor.as_deref())?;
+    let mut lanes = crate::sink::build_lanes(cfg)?;
+    for sink in &mut lanes {
+        sink.recover(loaded.cursor.as_deref())?;
+    }
     // The loaded entries stay in the checkpoint under these keys until the tailer matches
     // each to a file (same key) or finds it gone (released).
     let mut state = State::default();
@@ -148,7 +150,14 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     // The sink's position goes into the checkpoint before anything is shipped: a crash before
     // the first periodic checkpoint must find it and cut the sink back to it, or whatever was
     // shipped meanwhile is shipped again (on a first start there was no cursor at all).
-    state.cursor = sink.commit()?;
+    let mut cursor = Vec::new();
+    for (i, sink) in lanes.iter_mut().enumerate() {
+        let c = sink.commit()?;
+        if i == 0 {
+            cursor = c;
+        }
+    }
+    state.cursor = cursor;
     store.write(&state)?;
     state.mark_clean();
 
@@ -207,7 +216,7 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         .map_err(DaemonError::Thread)?;
 
     let uploader = Uploader::new(
-        sink,
+        lanes,
         store,
         state,
         ready_rx,

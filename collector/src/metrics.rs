@@ -39,6 +39,7 @@ pub struct Events {
     sink_compressed: Counter,
     sink_batches: Counter,
     sink_retries: Counter,
+    sink_in_flight: Gauge,
     dead_letter_events: Counter,
     checkpoint_flushes: Counter,
     checkpoint_errors: Counter,
@@ -75,6 +76,7 @@ impl Events {
             sink_compressed: counter!("voltail_sink_bytes_total", "kind" => "compressed"),
             sink_batches: counter!("voltail_sink_batches_total"),
             sink_retries: counter!("voltail_sink_retries_total"),
+            sink_in_flight: gauge!("voltail_sink_in_flight"),
             dead_letter_events: counter!("voltail_sink_dead_letter_events_total"),
             checkpoint_flushes: counter!("voltail_checkpoint_flushes_total"),
             checkpoint_errors: counter!("voltail_checkpoint_errors_total"),
@@ -142,6 +144,10 @@ impl Events {
         self.sink_batches.increment(1);
         self.sink_raw.increment(raw as u64);
         self.sink_compressed.increment(compressed as u64);
+    }
+    /// Batches being delivered now (sent or waiting to retry), at most the sink's `concurrency`.
+    pub fn sink_in_flight(&self, n: usize) {
+        self.sink_in_flight.set(n as f64);
     }
     /// A delivery attempt failed.
     pub fn sink_error(&self, sink: &'static str, reason: &'static str, transient: bool) {

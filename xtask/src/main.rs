@@ -10,6 +10,7 @@
 
 mod bench;
 mod nginx;
+mod receiver;
 mod report;
 mod runner;
 mod verify;

@@ -276,7 +276,10 @@ impl Report {
              beginning into the file sink, with zstd level 1 and without compression. MiB are input \
              log bytes; CPU is user+system time of the voltail process until it exits after draining; \
              peak RSS is its `ru_maxrss`. `zstd-1 alone` compresses the same bytes in 1 MiB chunks \
-             on one thread, in-process: the limit of the compress stage.\n\
+             on one thread, in-process: the limit of the compress stage. `http sink, zstd-1` ships \
+             the same with the `http` sink (zstd-1 bodies, `concurrency` 4) to a receiver on loopback \
+             inside the bench process (its CPU is not counted), which stores the bodies; every line is \
+             then decoded and checked as for the file sink.\n\
              - **W2 idle**: 10,000 files in 2,000 pod directories; once caught up, CPU (% of one core) \
              and RSS over 30 s.\n\
              - **W3 steady**: 1,000 files each appended 10 lines/s for 60 s by a writer pool; each line \

@@ -273,6 +273,8 @@ pub struct VoltailConfig {
     pub out: PathBuf,
     /// Metrics port on 127.0.0.1.
     pub metrics_port: u16,
+    /// Ship to this URL with the `http` sink instead of writing segments to `out`.
+    pub http_url: Option<String>,
 }
 
 fn toml_str(s: &str) -> String {
@@ -296,11 +298,18 @@ impl VoltailConfig {
         if let Some(m) = self.max_poll_interval {
             s.push_str(&format!("max_poll_interval = \"{}ms\"\n", m.as_millis()));
         }
-        s.push_str(&format!(
-            "\n[sink]\ntype = \"file\"\npath = {}\ncompression = {}\ncompression_level = 1\n",
-            toml_str(&self.out.display().to_string()),
-            toml_str(&self.compression),
-        ));
+        match &self.http_url {
+            Some(url) => s.push_str(&format!(
+                "\n[sink]\ntype = \"http\"\nurl = {}\ncompression = {}\ncompression_level = 1\n",
+                toml_str(url),
+                toml_str(&self.compression),
+            )),
+            None => s.push_str(&format!(
+                "\n[sink]\ntype = \"file\"\npath = {}\ncompression = {}\ncompression_level = 1\n",
+                toml_str(&self.out.display().to_string()),
+                toml_str(&self.compression),
+            )),
+        }
         s
     }
 }
@@ -371,6 +380,7 @@ mod tests {
             compression: "none".into(),
             out: "/tmp/o".into(),
             metrics_port: 9000,
+            http_url: None,
         };
         let t = c.render();
         assert!(t.contains("poll_interval = \"1000ms\""), "{t}");

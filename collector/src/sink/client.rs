@@ -147,6 +147,35 @@ pub fn config_error(sink: &'static str, message: String) -> SinkError {
     }
 }
 
+/// The certificates of a PEM `ca_file`; errors name the file (unreadable, bad PEM, empty).
+pub fn read_ca_file(
+    sink: &'static str,
+    ca: &Path,
+) -> Result<Vec<ureq::tls::Certificate<'static>>, SinkError> {
+    let pem = std::fs::read(ca)
+        .map_err(|e| config_error(sink, format!("cannot read ca_file {}: {e}", ca.display())))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(config_error(
+                    sink,
+                    format!("bad PEM in ca_file {}: {e}", ca.display()),
+                ))
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(config_error(
+            sink,
+            format!("ca_file {} holds no certificate", ca.display()),
+        ));
+    }
+    Ok(certs)
+}
+
 /// The connection options every HTTP sink takes (copied from its config section).
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -191,28 +220,7 @@ impl HttpClient {
     pub fn new(sink: &'static str, opts: &ClientOptions) -> Result<HttpClient, SinkError> {
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(ca) = &opts.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| {
-                config_error(sink, format!("cannot read ca_file {}: {e}", ca.display()))
-            })?;
-            let mut certs = Vec::new();
-            for item in ureq::tls::parse_pem(&pem) {
-                match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(config_error(
-                            sink,
-                            format!("bad PEM in ca_file {}: {e}", ca.display()),
-                        ))
-                    }
-                }
-            }
-            if certs.is_empty() {
-                return Err(config_error(
-                    sink,
-                    format!("ca_file {} holds no certificate", ca.display()),
-                ));
-            }
+            let certs = read_ca_file(sink, ca)?;
             tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
         }
         let agent = ureq::Agent::config_builder()

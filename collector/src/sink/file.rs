@@ -209,6 +209,10 @@ impl Sink for FileSink {
         Ok(())
     }
 
+    fn has_cursor(&self) -> bool {
+        true
+    }
+
     fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
         self.sync()?;
         Ok(encode_cursor(self.tag, self.seq, self.len))
@@ -244,6 +248,7 @@ mod tests {
             compression,
             compression_level: 1,
             segment_max_bytes: seg,
+            concurrency: 1,
         }
     }
 

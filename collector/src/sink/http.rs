@@ -17,6 +17,7 @@
 //! auth = { type = "bearer", token_file = "/var/run/secrets/ingest/token" }
 //! ca_file = "/etc/voltail/ca.pem"
 //! timeout = "30s"
+//! concurrency = 4                 # batches in flight (one request each); acked in order
 //! ```
 
 use std::collections::BTreeMap;
@@ -54,6 +55,9 @@ pub struct HttpSinkConfig {
     /// Whole-request timeout.
     #[serde(default = "defaults::timeout")]
     pub timeout: Dur,
+    /// Batches sent at once (each one request); acknowledged to the checkpoint in order.
+    #[serde(default = "super::default_concurrency")]
+    pub concurrency: usize,
 }
 
 pub(crate) mod defaults {

@@ -14,6 +14,16 @@
 //! librdkafka's own retries happen inside `message.timeout.ms`. Built only with the `kafka` cargo
 //! feature (default); without it the config still parses and [`build`] says what is missing.
 //!
+//! `concurrency` does not multiply the uploader's lanes here (several producers would each
+//! connect to every broker and `flush` cannot wait for one batch's messages only): it bounds the
+//! produce requests in flight per broker connection (`max.in.flight.requests.per.connection`,
+//! at most 5 with idempotence), which is where librdkafka pipelines.
+//!
+//! TLS is librdkafka's (OpenSSL: rustls can't be plugged into librdkafka). `tls`, `ca_file` and
+//! `client_cert_file`/`client_key_file` are the same keys as the other sinks' and become
+//! `security.protocol = ssl` (or the `sasl_ssl` that `options` asks for), `ssl.ca.location`,
+//! `ssl.certificate.location` and `ssl.key.location`. The broker's host name is verified.
+//!
 //! ```toml
 //! [sink]
 //! type = "kafka"
@@ -21,14 +31,17 @@
 //! topic = "logs-{namespace}"
 //! key = "{namespace}/{pod}"
 //! compression = "zstd"
+//! ca_file = "/etc/voltail/kafka-ca.pem"   # implies TLS
+//! concurrency = 5                         # produce requests in flight per broker
 //! [sink.options]                      # any librdkafka property
-//! "security.protocol" = "SASL_SSL"
+//! "security.protocol" = "sasl_ssl"
 //! "sasl.mechanism" = "PLAIN"
 //! "sasl.username" = "voltail"
 //! "sasl.password" = "${KAFKA_PASSWORD}"
 //! ```
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +67,24 @@ pub struct KafkaSinkConfig {
     /// How long one batch may wait for its delivery reports (also `message.timeout.ms`).
     #[serde(default = "defaults::timeout")]
     pub timeout: Dur,
+    /// Produce requests in flight per broker connection (librdkafka's
+    /// `max.in.flight.requests.per.connection`, at most 5 with idempotence). The uploader hands
+    /// the sink one batch at a time: librdkafka already pipelines the batch's messages.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Connect over TLS (`security.protocol = "ssl"`, or `"sasl_ssl"` when `options` sets it);
+    /// implied by `ca_file` and `client_cert_file`. Without `ca_file` the system's CAs are trusted.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of CA certificates to trust (librdkafka's `ssl.ca.location`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (`ssl.certificate.location`); needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The client certificate's PEM private key (`ssl.key.location`).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// More librdkafka properties (`security.protocol`, `sasl.username`, ...); values are
     /// secrets. `acks` and `enable.idempotence` can't be overridden.
     #[serde(default)]
@@ -68,9 +99,44 @@ mod defaults {
     pub fn timeout() -> Dur {
         Dur(Duration::from_secs(30))
     }
+    pub fn concurrency() -> usize {
+        5
+    }
 }
 
 impl KafkaSinkConfig {
+    /// Whether one of the sink's own TLS keys is set.
+    fn tls_keys(&self) -> bool {
+        self.tls || self.ca_file.is_some() || self.client_cert_file.is_some()
+    }
+
+    /// The `options` value of librdkafka property `name`.
+    fn option(&self, name: &str) -> Option<&str> {
+        self.options.get(name).map(|v| v.0.as_str())
+    }
+
+    /// The librdkafka properties the sink's TLS keys stand for (none when they are unset).
+    pub fn tls_properties(&self) -> Vec<(&'static str, String)> {
+        if !self.tls_keys() {
+            return Vec::new();
+        }
+        let path = |p: &PathBuf| p.display().to_string();
+        let mut props = vec![(
+            "security.protocol",
+            self.option("security.protocol")
+                .unwrap_or("ssl")
+                .to_string(),
+        )];
+        if let Some(ca) = &self.ca_file {
+            props.push(("ssl.ca.location", path(ca)));
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert_file, &self.client_key_file) {
+            props.push(("ssl.certificate.location", path(cert)));
+            props.push(("ssl.key.location", path(key)));
+        }
+        props
+    }
+
     /// librdkafka compresses: the batch stage doesn't.
     pub fn stage_compression(&self) -> (Compression, i32) {
         (Compression::None, 0)
@@ -90,6 +156,47 @@ impl KafkaSinkConfig {
         }
         if self.timeout.0 < Duration::from_secs(1) {
             return Err(("timeout", "must be at least 1s".into()));
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err((
+                "client_cert_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
+        }
+        if let Some(p) = self.option("security.protocol") {
+            let tls = p.eq_ignore_ascii_case("ssl") || p.eq_ignore_ascii_case("sasl_ssl");
+            if self.tls_keys() && !tls {
+                return Err((
+                    "options",
+                    format!("security.protocol {p:?} is not TLS, but tls, ca_file or client_cert_file is set (use \"ssl\" or \"sasl_ssl\")"),
+                ));
+            }
+        }
+        for (key, set, option) in [
+            ("ca_file", self.ca_file.is_some(), "ssl.ca.location"),
+            (
+                "client_cert_file",
+                self.client_cert_file.is_some(),
+                "ssl.certificate.location",
+            ),
+            (
+                "client_key_file",
+                self.client_key_file.is_some(),
+                "ssl.key.location",
+            ),
+        ] {
+            if set && self.option(option).is_some() {
+                return Err((
+                    "options",
+                    format!("{option:?} is set by the sink's {key}: set one of them"),
+                ));
+            }
+        }
+        if self.concurrency > 5 {
+            return Err((
+                "concurrency",
+                "must be in 1..=5 (librdkafka's limit with enable.idempotence)".into(),
+            ));
         }
         for k in self.options.keys() {
             if matches!(
@@ -146,11 +253,19 @@ mod imp {
     type Report = (u32, usize, Result<(), KafkaError>);
 
     /// Collects delivery reports; the opaque of a message is `batch tag << 32 | index`, the tag
-    /// being the low 32 bits of `Batch::seq`.
+    /// being the low 32 bits of `Batch::seq`. Also keeps librdkafka's last client-level error
+    /// (a refused TLS handshake, an unreachable broker) for the sink's error messages.
     #[derive(Debug, Default)]
-    pub struct Reports(Mutex<Vec<Report>>);
+    pub struct Reports(Mutex<Vec<Report>>, Mutex<Option<String>>);
 
-    impl ClientContext for Reports {}
+    impl ClientContext for Reports {
+        fn error(&self, error: KafkaError, reason: &str) {
+            tracing::debug!(error = %error, reason, "librdkafka client error");
+            if let Ok(mut last) = self.1.lock() {
+                *last = Some(reason.to_string());
+            }
+        }
+    }
 
     impl ProducerContext for Reports {
         type DeliveryOpaque = usize;
@@ -206,6 +321,8 @@ mod imp {
         key: Option<Template>,
         timeout: Duration,
         metrics: SinkMetrics,
+        /// `ca_file`, named in errors that look like a failed certificate check.
+        ca_file: Option<std::path::PathBuf>,
         /// The batch being delivered (`Batch::seq`) and its messages' states.
         current: Option<(u64, Vec<State>)>,
     }
@@ -247,7 +364,18 @@ mod imp {
                     },
                 )
                 .set("message.timeout.ms", cfg.timeout.0.as_millis().to_string())
+                .set(
+                    "max.in.flight.requests.per.connection",
+                    cfg.concurrency.to_string(),
+                )
                 .set("linger.ms", "5");
+            if let Some(ca) = &cfg.ca_file {
+                // librdkafka's own message for a bad CA file is cryptic: check it here first.
+                super::super::client::read_ca_file("kafka", ca)?;
+            }
+            for (k, v) in cfg.tls_properties() {
+                c.set(k, v);
+            }
             let producer: BaseProducer<Reports> =
                 c.create_with_context(Reports::default()).map_err(|e| {
                     super::super::client::config_error("kafka", format!("producer: {e}"))
@@ -261,6 +389,7 @@ mod imp {
                 key: cfg.key.as_deref().map(tpl).transpose()?,
                 timeout: cfg.timeout.0,
                 metrics: SinkMetrics::new("kafka"),
+                ca_file: cfg.ca_file.clone(),
                 current: None,
             })
         }
@@ -281,6 +410,28 @@ mod imp {
                     Err(e) if is_permanent(&e) => State::Refused(e.to_string()),
                     Err(_) => State::ToSend,
                 };
+            }
+        }
+
+        /// librdkafka's last client-level error since the previous call, for messages: `": ..."`
+        /// or nothing. A failed certificate check names the `ca_file` it was checked against.
+        fn last_error(&self) -> String {
+            let Some(e) = self
+                .producer
+                .context()
+                .1
+                .lock()
+                .ok()
+                .and_then(|mut l| l.take())
+            else {
+                return String::new();
+            };
+            let tls = ["SSL", "ssl", "certificate", "handshake"]
+                .iter()
+                .any(|w| e.contains(w));
+            match (&self.ca_file, tls) {
+                (Some(ca), true) => format!("; last broker error: {e} (ca_file {})", ca.display()),
+                _ => format!("; last broker error: {e}"),
             }
         }
 
@@ -354,6 +505,8 @@ mod imp {
             };
             self.producer.poll(Duration::ZERO);
             self.collect(tag, &mut states);
+            // Only errors seen while this batch is delivered explain its failure.
+            let _ = self.last_error();
             let names: Vec<(String, Option<String>)> = batch
                 .files
                 .iter()
@@ -415,10 +568,11 @@ mod imp {
                     SinkErrorKind::Transient,
                     if waiting > 0 { "timeout" } else { "delivery" },
                     format!(
-                        "{} of {n} messages not acknowledged within {:?} ({failed} failed, {waiting} still queued){}",
+                        "{} of {n} messages not acknowledged within {:?} ({failed} failed, {waiting} still queued){}{}",
                         n - done,
                         self.timeout,
-                        refused_now.map(|e| format!(": {e}")).unwrap_or_default()
+                        refused_now.map(|e| format!(": {e}")).unwrap_or_default(),
+                        self.last_error()
                     ),
                 ))
             };

@@ -78,6 +78,9 @@ pub struct LokiSinkConfig {
     /// Whole-request timeout.
     #[serde(default = "defaults::timeout")]
     pub timeout: Dur,
+    /// Batches sent at once (each one request); acknowledged to the checkpoint in order.
+    #[serde(default = "super::default_concurrency")]
+    pub concurrency: usize,
 }
 
 mod defaults {

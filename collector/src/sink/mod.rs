@@ -1,6 +1,7 @@
 //! Sinks: where batches go, and what "acknowledged" means for each.
 //!
-//! A [`Sink`] takes batches in order from the uploader. `send` returning `Ok` is the
+//! A [`Sink`] takes batches in order from the uploader (each of its `concurrency` lanes is one
+//! instance, see [`build_lanes`]). `send` returning `Ok` is the
 //! acknowledgement (the batch is written, or the backend answered 2xx); `commit` makes
 //! everything sent so far durable and returns a *cursor* that the uploader stores in the same
 //! checkpoint write as the file offsets. On start, `recover` gets that cursor back, so a sink that
@@ -20,6 +21,12 @@ pub mod sls;
 
 use crate::batch::{Batch, Encoder, NdjsonEncoder};
 use crate::config::{Config, SinkConfig};
+
+/// `concurrency` of the network sinks when the config doesn't say: enough to hide a round
+/// trip behind the next request without piling load on the backend.
+pub(crate) fn default_concurrency() -> usize {
+    4
+}
 
 /// Why a batch was not delivered.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +72,12 @@ pub trait Sink: Send {
     fn commit(&mut self) -> Result<Vec<u8>, SinkError> {
         Ok(Vec::new())
     }
+    /// Whether `commit` returns a cursor (or has anything to make durable). Such a sink runs
+    /// one lane, which the uploader holds while it commits; sinks whose acknowledgement is final
+    /// (the network sinks) say false and may run several lanes.
+    fn has_cursor(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the sink of `cfg.sink`.
@@ -78,6 +91,12 @@ pub fn build(cfg: &Config) -> Result<Box<dyn Sink>, SinkError> {
         SinkConfig::Kafka(s) => kafka::build(s),
         SinkConfig::Sls(s) => Ok(Box::new(sls::SlsSink::new(s)?)),
     }
+}
+
+/// The uploader's lanes for `cfg`: [`SinkConfig::lanes`] instances of its sink, each driven by
+/// its own sender thread (the first one's cursor is checkpointed).
+pub fn build_lanes(cfg: &Config) -> Result<Vec<Box<dyn Sink>>, SinkError> {
+    (0..cfg.sink().lanes().max(1)).map(|_| build(cfg)).collect()
 }
 
 /// The event encoder the readers use for `cfg`.

@@ -9,7 +9,7 @@ use voltail::batch::Timestamp;
 use voltail::sink::SinkErrorKind;
 
 use super::server::{Reply, Request, Server};
-use super::{batch, config, file, lines, sink};
+use super::{batch, config, file, lines, sink, tls_pair};
 
 /// Decodes a body as the `Content-Encoding` header says.
 fn decode(req: &Request) -> Vec<u8> {
@@ -251,35 +251,10 @@ fn http_config_errors_name_the_key() {
     assert!(e.contains("sink.auth: bearer auth needs"), "{e}");
 }
 
-/// A CA, and a server certificate for 127.0.0.1 signed by it: `(ca_pem, server_config)`.
-fn tls_pair() -> (String, Arc<rustls::ServerConfig>) {
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "voltail test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
-    let cert = params.signed_by(&key, &issuer).expect("cert");
-    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.der().clone()], key_der)
-    .expect("server config");
-    (ca_cert.pem(), Arc::new(cfg))
-}
-
 /// HTTPS with a private CA: trusted through `ca_file`, refused (transient) without it.
 #[test]
 fn http_tls_with_a_custom_ca() {
-    let (ca_pem, tls) = tls_pair();
+    let (ca_pem, tls) = tls_pair("127.0.0.1");
     let dir = tempfile::tempdir().expect("tmp");
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).expect("write ca");

@@ -2,6 +2,7 @@
 //! librdkafka's mock cluster): every field checked, failures injected.
 
 mod clickhouse;
+mod concurrency;
 mod e2e;
 mod elasticsearch;
 mod http;
@@ -84,4 +85,30 @@ pub fn lines(n: usize) -> Vec<String> {
             _ => format!("line {i} control \u{1} end"),
         })
         .collect()
+}
+
+/// A private CA, and a server certificate for `name` (a DNS name, or an IP address) signed by
+/// it: `(ca_pem, server_config)`.
+pub fn tls_pair(name: &str) -> (String, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "voltail test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key_der)
+    .expect("server config");
+    (ca_cert.pem(), Arc::new(cfg))
 }
