@@ -500,8 +500,22 @@ impl Tailer {
     fn discover(&mut self, now: Instant) {
         let candidates = self.discovery.scan(&self.events);
         let initial = !self.discovered_once;
-        for c in candidates {
-            self.consider(c, now, initial);
+        // New files are opened (open, fstat, first bytes) concurrently: on a network
+        // filesystem each call is a round trip, and thousands of new pods at start-up would
+        // otherwise cost thousands of sequential round trips before the first read.
+        let fresh: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| {
+                let live = self
+                    .by_path
+                    .get(&c.path)
+                    .and_then(|k| self.files.get(k))
+                    .is_some_and(|f| !f.orphan);
+                !live && !self.failed_opens.contains_key(&c.path)
+            })
+            .collect();
+        for (c, opened) in open_all(&self.discovery, fresh) {
+            self.consider(c, opened, now, initial);
         }
         self.discovered_once = true;
         if !self.restore.is_empty() {
@@ -518,7 +532,7 @@ impl Tailer {
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
     }
 
-    fn consider(&mut self, c: Candidate, now: Instant, initial: bool) {
+    fn consider(&mut self, c: Candidate, opened: Opened, now: Instant, initial: bool) {
         if let Some(k) = self.by_path.get(&c.path) {
             if self.files.get(k).is_some_and(|f| !f.orphan) {
                 return;
@@ -527,8 +541,10 @@ impl Tailer {
         if self.failed_opens.contains_key(&c.path) {
             return;
         }
-        let file = match self.discovery.open(&c) {
-            Ok(f) => f,
+        let (file, st, prefix) = match opened {
+            Ok(Some(o)) => o,
+            // Gone between open and fstat.
+            Ok(None) => return,
             Err(e) => {
                 if !matches!(&e, crate::discovery::DiscoveryError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
                 {
@@ -538,16 +554,12 @@ impl Tailer {
                 return;
             }
         };
-        let st = match backend::statx_fd(file.as_raw_fd()) {
-            Ok(st) => st,
-            Err(_) => return,
-        };
         if let Some(&k) = self.by_ino.get(&(st.dev, st.ino)) {
             // A file we track, now also (or only) under this path: renamed within the globs.
             self.rename(k, &c.path);
             return;
         }
-        self.track(c.source, c.path, file, st, now, initial, false);
+        self.track(c.source, c.path, file, st, prefix, now, initial, false);
     }
 
     fn rename(&mut self, k: FileKey, path: &Path) {
@@ -600,13 +612,11 @@ impl Tailer {
         path: PathBuf,
         file: File,
         st: Stat,
+        prefix: Vec<u8>,
         now: Instant,
         initial: bool,
         orphan: bool,
     ) {
-        let mut prefix = vec![0u8; FINGERPRINT_BYTES];
-        let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
-        prefix.truncate(n);
         let resumed = self.take_restore(st.dev, st.ino, &prefix);
         let came_back = match resumed {
             None => self.take_released(st.dev, st.ino, &prefix, st.size),
@@ -813,25 +823,24 @@ impl Tailer {
                 if self.by_ino.contains_key(&(st.dev, st.ino)) {
                     return None;
                 }
-                let mut prefix = vec![0u8; FINGERPRINT_BYTES];
-                let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
-                let same = e.id.matches(st.dev, st.ino, &prefix[..n]) != Match::No;
-                Some((c, file, st, source, same))
+                let prefix = read_prefix(&file);
+                let same = e.id.matches(st.dev, st.ino, &prefix) != Match::No;
+                Some((c, file, st, prefix, source, same))
             });
             match opened {
-                Some((c, file, st, source, true)) => {
+                Some((c, file, st, prefix, source, true)) => {
                     tracing::info!(old = %e.path, now_at = %c.path.display(), "finishing a file rotated while voltail was down");
                     self.restore.entry(e.id.ino).or_default().push((key, e));
-                    self.track(source, c.path, file, st, now, false, true);
+                    self.track(source, c.path, file, st, prefix, now, false, true);
                 }
                 Some(_) if pass == 0 => later.push((key, e)),
-                Some((c, file, st, source, false)) => {
+                Some((c, file, st, prefix, source, false)) => {
                     // Same inode, other content: it was truncated (or replaced) and refilled,
                     // then rotated, all after the last checkpoint. Its content is unread.
                     tracing::info!(old = %e.path, now_at = %c.path.display(),
                         "a rotated file holds content the checkpoint never saw; reading it from 0");
                     self.builder.update(FileUpdate::Release { key });
-                    self.track(source, c.path, file, st, now, false, true);
+                    self.track(source, c.path, file, st, prefix, now, false, true);
                 }
                 None => {
                     tracing::info!(path = %e.path, offset = e.offset, "checkpointed file is gone; forgetting it");
@@ -884,7 +893,10 @@ impl Tailer {
         for path in vacated {
             // The path's old file is finishing; its successor may already be there.
             if let Some(c) = self.discovery.check(&path, &self.events) {
-                self.consider(c, now, false);
+                if !self.failed_opens.contains_key(&c.path) {
+                    let opened = open_one(&self.discovery, &c);
+                    self.consider(c, opened, now, false);
+                }
             }
         }
         self.prune_schedule();
@@ -1364,6 +1376,66 @@ impl Tailer {
 enum Op {
     Stat,
     Read,
+}
+
+/// A candidate opened: the file, its stat and its first bytes; `None` when it went away
+/// between open and stat.
+type Opened = Result<Option<(File, Stat, Vec<u8>)>, crate::discovery::DiscoveryError>;
+
+/// Below this many new files, opening them one after the other is cheaper than threads.
+const PARALLEL_OPEN_MIN: usize = 32;
+/// Threads opening new files at once (an NFS client keeps dozens of RPCs in flight).
+const OPEN_THREADS: usize = 32;
+
+/// The first [`FINGERPRINT_BYTES`] of `file` (fewer when it is shorter; none on error).
+fn read_prefix(file: &File) -> Vec<u8> {
+    let mut prefix = vec![0u8; FINGERPRINT_BYTES];
+    let n = backend::pread(file.as_raw_fd(), &mut prefix, 0).unwrap_or(0);
+    prefix.truncate(n);
+    prefix
+}
+
+fn open_one(d: &Discovery, c: &Candidate) -> Opened {
+    let file = d.open(c)?;
+    Ok(backend::statx_fd(file.as_raw_fd())
+        .ok()
+        .map(|st| (read_prefix(&file), st))
+        .map(|(prefix, st)| (file, st, prefix)))
+}
+
+/// Opens every candidate, on up to [`OPEN_THREADS`] threads when there are many; results in
+/// the candidates' order.
+fn open_all(d: &Discovery, cands: Vec<Candidate>) -> Vec<(Candidate, Opened)> {
+    if cands.len() < PARALLEL_OPEN_MIN {
+        return cands
+            .into_iter()
+            .map(|c| {
+                let o = open_one(d, &c);
+                (c, o)
+            })
+            .collect();
+    }
+    let threads = OPEN_THREADS.min(cands.len() / 8).max(2);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slots: Vec<Option<Opened>> = Vec::new();
+    slots.resize_with(cands.len(), || None);
+    let slots = std::sync::Mutex::new(slots);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(c) = cands.get(i) else { break };
+                let o = open_one(d, c);
+                slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(o);
+            });
+        }
+    });
+    let slots = slots.into_inner().unwrap_or_else(|p| p.into_inner());
+    cands
+        .into_iter()
+        .zip(slots)
+        .filter_map(|(c, o)| o.map(|o| (c, o)))
+        .collect()
 }
 
 fn cstring(p: &Path) -> CString {
