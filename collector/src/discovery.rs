@@ -232,6 +232,14 @@ impl Discovery {
 
     /// Every file the globs name now, at most once each (the first source wins).
     pub fn scan(&mut self, events: &Events) -> Vec<Candidate> {
+        self.scan_new(events, &|_| false)
+    }
+
+    /// Like [`Discovery::scan`], but paths for which `known` is true (files the tailer follows
+    /// at that path) are neither stated nor returned: each would cost two or three round
+    /// trips per pass on a network filesystem, and the tailer's own poll already notices
+    /// when such a path names another file.
+    pub fn scan_new(&mut self, events: &Events, known: &dyn Fn(&Path) -> bool) -> Vec<Candidate> {
         let t = Instant::now();
         self.refresh_roots();
         self.passes += 1;
@@ -258,6 +266,7 @@ impl Discovery {
                             found.push(c);
                         }
                     },
+                    known,
                 );
             }
         }
@@ -393,6 +402,7 @@ impl Discovery {
         visited: &mut HashSet<PathBuf>,
         live_dirs: &mut HashSet<PathBuf>,
         out: &mut dyn FnMut(Candidate),
+        known: &dyn Fn(&Path) -> bool,
     ) {
         if depth > MAX_DEPTH {
             return;
@@ -416,7 +426,7 @@ impl Discovery {
             Step::Literal(name) => {
                 let p = dir.join(&name);
                 self.visit(
-                    si, pi, &p, None, ci, last, depth, full, events, visited, live_dirs, out,
+                    si, pi, &p, None, ci, last, depth, full, events, visited, live_dirs, out, known,
                 );
             }
             Step::Glob => {
@@ -440,6 +450,7 @@ impl Discovery {
                             visited,
                             live_dirs,
                             out,
+                            known,
                         );
                     }
                 }
@@ -457,6 +468,7 @@ impl Discovery {
                     visited,
                     live_dirs,
                     out,
+                    known,
                 );
                 // ... or descends into each subdirectory.
                 live_dirs.insert(dir.to_path_buf());
@@ -474,6 +486,7 @@ impl Discovery {
                             visited,
                             live_dirs,
                             out,
+                            known,
                         );
                     }
                 }
@@ -496,7 +509,11 @@ impl Discovery {
         visited: &mut HashSet<PathBuf>,
         live_dirs: &mut HashSet<PathBuf>,
         out: &mut dyn FnMut(Candidate),
+        known: &dyn Fn(&Path) -> bool,
     ) {
+        if last && known(p) {
+            return;
+        }
         let kind = match kind {
             Some(k) => k,
             None => match std::fs::symlink_metadata(p) {
@@ -527,6 +544,7 @@ impl Discovery {
                 visited,
                 live_dirs,
                 out,
+                known,
             );
         }
     }
@@ -688,6 +706,30 @@ mod tests {
         assert_eq!(names(&mut d, r), vec!["a/b/c/deep.log", "top.log"]);
         assert!(d.check(&r.join("a/b/c/deep.log"), &Events::new()).is_some());
         assert!(d.check(&r.join("a/b/c/deep.txt"), &Events::new()).is_none());
+    }
+
+    #[test]
+    fn known_paths_are_skipped_not_stated() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        for pod in ["p1", "p2", "p3"] {
+            std::fs::create_dir_all(r.join(pod)).expect("mkdir");
+            std::fs::write(r.join(pod).join("app.log"), "x\n").expect("w");
+        }
+        let mut d = Discovery::new(
+            &[source(&[format!("{}/*/app.log", r.display())], &[])],
+            None,
+        )
+        .expect("new");
+        let known = r.join("p2/app.log");
+        let found = d.scan_new(&Events::new(), &|p| p == known);
+        let mut got: Vec<_> = found.iter().map(|c| c.path.clone()).collect();
+        got.sort();
+        assert_eq!(got, vec![r.join("p1/app.log"), r.join("p3/app.log")]);
+        // A known path is not even stated: a dangling "known" path is not an error either.
+        std::fs::remove_file(r.join("p1/app.log")).expect("rm");
+        let found = d.scan_new(&Events::new(), &|p| p.ends_with("app.log"));
+        assert!(found.is_empty());
     }
 
     #[test]

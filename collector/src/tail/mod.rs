@@ -498,7 +498,14 @@ impl Tailer {
     // ---- discovery and tracking ----
 
     fn discover(&mut self, now: Instant) {
-        let candidates = self.discovery.scan(&self.events);
+        let (files, by_path) = (&self.files, &self.by_path);
+        let live = |p: &Path| {
+            by_path
+                .get(p)
+                .and_then(|k| files.get(k))
+                .is_some_and(|f| !f.orphan)
+        };
+        let candidates = self.discovery.scan_new(&self.events, &live);
         let initial = !self.discovered_once;
         // New files are opened (open, fstat, first bytes) concurrently: on a network
         // filesystem each call is a round trip, and thousands of new pods at start-up would
