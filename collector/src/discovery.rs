@@ -288,7 +288,7 @@ impl Discovery {
         for (si, s) in self.sources.iter().enumerate() {
             for p in &s.include {
                 if matches_pattern(p, path) && !s.exclude.is_match(path) {
-                    let c = self.admit(si, path, events)?;
+                    let c = self.admit(si, path, None, events)?;
                     return Some(c);
                 }
             }
@@ -297,17 +297,31 @@ impl Discovery {
     }
 
     /// Applies the symlink policy, file type and shard to a path the walk named.
-    fn admit(&mut self, source: usize, path: &Path, events: &Events) -> Option<Candidate> {
-        let md = std::fs::symlink_metadata(path).ok()?;
-        let open_path = if md.file_type().is_symlink() {
-            self.resolve_symlink(path, events)?
-        } else {
+    ///
+    /// `kind` is what the walk already knows of `path` (from its directory listing or an
+    /// lstat): a regular file needs no more stats here (on a network volume each is a round
+    /// trip); opening it checks again that it is a regular file inside the roots.
+    fn admit(
+        &mut self,
+        source: usize,
+        path: &Path,
+        kind: Option<Kind>,
+        events: &Events,
+    ) -> Option<Candidate> {
+        let open_path = if kind == Some(Kind::File) {
             path.to_path_buf()
+        } else {
+            let md = std::fs::symlink_metadata(path).ok()?;
+            let open_path = if md.file_type().is_symlink() {
+                self.resolve_symlink(path, events)?
+            } else {
+                path.to_path_buf()
+            };
+            if !std::fs::metadata(&open_path).ok()?.is_file() {
+                return None;
+            }
+            open_path
         };
-        let md = std::fs::metadata(&open_path).ok()?;
-        if !md.is_file() {
-            return None;
-        }
         if let Some(shard) = self.shard {
             if !in_shard(shard, path) {
                 return None;
@@ -526,7 +540,7 @@ impl Discovery {
         };
         if last {
             if matches!(kind, Kind::File | Kind::Symlink) && !self.sources[si].exclude.is_match(p) {
-                if let Some(c) = self.admit(si, p, events) {
+                if let Some(c) = self.admit(si, p, Some(kind), events) {
                     out(c);
                 }
             }
