@@ -701,6 +701,11 @@ impl Tailer {
         }
         self.by_ino.insert((st.dev, st.ino), key);
         self.files.insert(key, t);
+        // On the board before any batch can carry an ack for it, with what counts as delivered
+        // already (a checkpoint's offset): otherwise the first acks are lost (the uploader may
+        // apply them before the next size publish) and a file that grows no more after them,
+        // or one resumed already read, shows lag until it is released.
+        self.lag.track(key, source, st.size, offset);
         self.schedule.push(Reverse((now, key)));
         self.events.file_opened();
     }

@@ -76,6 +76,8 @@ struct Harness {
     extra: String,
     tailer: Option<Tailer>,
     rx: Option<Receiver<Batch>>,
+    /// The lag board of the running tailer, fed with the acks of what was delivered.
+    lag: Arc<LagBoard>,
     state: State,
     persisted: Vec<Entry>,
     delivered: Vec<Delivered>,
@@ -97,6 +99,7 @@ impl Harness {
             extra: extra.to_string(),
             tailer: None,
             rx: None,
+            lag: Arc::default(),
             state: State::default(),
             persisted: Vec::new(),
             delivered: Vec::new(),
@@ -123,6 +126,7 @@ impl Harness {
         .expect("source");
         let (tx, rx) = unbounded();
         let (_htx, hrx) = unbounded();
+        self.lag = Arc::default(); // a new process has a new board
         let tailer = Tailer::new(TailerParts {
             sources: vec![SourceRt::new(&src).expect("source")],
             discovery: Discovery::new(&[src], None).expect("discovery"),
@@ -141,7 +145,7 @@ impl Harness {
             out: tx,
             hints: hrx,
             events: Events::new(),
-            lag: Arc::new(LagBoard::default()),
+            lag: Arc::clone(&self.lag),
             restore: self
                 .persisted
                 .iter()
@@ -186,6 +190,7 @@ impl Harness {
             for a in &b.acks {
                 self.state.ack(a.key, a.offset);
             }
+            self.lag.acked(b.acks.iter().map(|a| (a.key, a.offset)));
             for u in &b.releases {
                 self.state.apply(u);
             }
@@ -207,6 +212,15 @@ impl Harness {
             self.state.entries.insert(1_000_000 + i as u64, e.clone());
         }
         self.start();
+    }
+
+    /// Publishes the tracked files' sizes, as the reader does once a second, and returns the
+    /// unacknowledged bytes.
+    fn lag(&mut self) -> u64 {
+        if let Some(t) = self.tailer.as_mut() {
+            t.publish_lag();
+        }
+        self.lag.per_source(1)[0]
     }
 
     fn messages(&self) -> Vec<String> {
@@ -436,6 +450,39 @@ fn rotation_while_down_is_finished_from_the_checkpoint() {
     let mut m = h.messages();
     m.sort();
     assert_eq!(m, vec!["before", "new file", "written while down"]);
+}
+
+/// Regression: `voltail_lag_bytes` never went back to 0 after restarts; a file's first acks
+/// could be applied before the reader first published its size (ignored as unknown), and a
+/// resumed file started with nothing acknowledged.
+#[test]
+fn lag_is_zero_once_everything_read_is_acked_even_across_a_restart() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    let idle = d.path().join("idle/app.log");
+    append(&log, "a1\n");
+    append(&idle, "i1\ni2\n");
+    let mut h = Harness::new(d.path(), "");
+    // Delivered (and acknowledged) before the reader publishes sizes at all.
+    h.step(true);
+    assert_eq!(h.lag(), 0, "acks that came before the first size publish");
+    append(&log, "a2\n");
+    h.step(false);
+    append(&log, "a3\n");
+    h.crash();
+    // The idle file is resumed fully read: nothing to read, so no ack will ever come.
+    h.step(false);
+    assert_eq!(h.lag(), 0, "resumed files, the idle one at its checkpoint");
+    append(&log, "a4\n");
+    h.step(true);
+    assert_eq!(h.lag(), 0);
+    assert_eq!(
+        h.messages()
+            .iter()
+            .filter(|m| m.starts_with('a'))
+            .collect::<Vec<_>>(),
+        vec!["a1", "a2", "a3", "a4"]
+    );
 }
 
 // ---- model-based property test ----
