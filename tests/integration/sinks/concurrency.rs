@@ -63,13 +63,7 @@ fn concurrency_n_requests_in_flight_and_checkpoint_never_ahead() {
     const N: usize = 3;
     let dir = tempfile::tempdir().expect("tmp");
     let pods = dir.path().join("pods");
-    let files: Vec<PathBuf> = (0..2)
-        .map(|i| {
-            let d = pods.join(format!("ns1_pod-{i}_uid{i}/app"));
-            std::fs::create_dir_all(&d).expect("mkdir");
-            d.join("0.log")
-        })
-        .collect();
+    let files: Vec<PathBuf> = super::pod_files(&pods, 2);
     let per_file = 40_000;
     for (k, f) in files.iter().enumerate() {
         append(f, k, 0, per_file);

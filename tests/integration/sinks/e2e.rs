@@ -172,13 +172,7 @@ fn e2e_http_outage_and_sigkill_lose_nothing() {
     );
     let dir = tempfile::tempdir().expect("tmp");
     let pods = dir.path().join("pods");
-    let files: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let d = pods.join(format!("ns1_pod-{i}_uid{i}/app"));
-            std::fs::create_dir_all(&d).expect("mkdir");
-            d.join("0.log")
-        })
-        .collect();
+    let files: Vec<PathBuf> = super::pod_files(&pods, 3);
     let per_file = 20_000;
     for (k, f) in files.iter().enumerate() {
         append(f, k, 0, per_file / 2);
@@ -347,13 +341,7 @@ fn e2e_http_backend_gone_memory_stays_bounded_and_lag_drains() {
     let dir = tempfile::tempdir().expect("tmp");
     let pods = dir.path().join("pods");
     const FILES: usize = 4;
-    let files: Vec<PathBuf> = (0..FILES)
-        .map(|i| {
-            let d = pods.join(format!("ns1_pod-{i}_uid{i}/app"));
-            std::fs::create_dir_all(&d).expect("mkdir");
-            d.join("0.log")
-        })
-        .collect();
+    let files: Vec<PathBuf> = super::pod_files(&pods, FILES);
     let received = Arc::new(Mutex::new(Received::default()));
     let r2 = received.clone();
     let server = Server::start(move |req| receive(&r2, req));

@@ -12,13 +12,24 @@ mod loki;
 pub mod server;
 mod sls;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use voltail::batch::{Batch, BatchBuilder, BatchLimits, Compressor, FileMeta, Timestamp};
 use voltail::config::{Config, SinkConfig};
 use voltail::sink::Sink;
+
+/// `n` pod files, `<pods>/ns1_pod-<i>_uid<i>/app/0.log`, their directories created.
+pub fn pod_files(pods: &Path, n: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let d = pods.join(format!("ns1_pod-{i}_uid{i}/app"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            d.join("0.log")
+        })
+        .collect()
+}
 
 /// A config whose `[sink]` table is `sink` (the body after `[sink]`).
 pub fn config(sink: &str) -> Config {
