@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The cargo-fuzz targets in fuzz/: `setup` installs cargo-fuzz when missing, `run` fuzzes each
-# target for FUZZ_SECONDS (default 10) from the seed corpus kept in fuzz/corpus/<target>/.
+# target for FUZZ_SECONDS (default 5) from the seed corpus kept in fuzz/corpus/<target>/.
 # libFuzzer writes what it finds into a scratch copy of the corpus, so the repo only changes
 # when someone copies an interesting input in. A crash fails the run and leaves its input in
 # fuzz/artifacts/<target>/; turn it into a regression test in the normal suite.
 # Long local runs: FUZZ_SECONDS=14400 scripts/test.d/fuzz.sh run [target...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# In CI each target runs FUZZ_SECONDS (default 10) from the corpus. The build is the cost:
+# In CI each target runs FUZZ_SECONDS (default 5) from the corpus. The build is the cost:
 # voltail without the kafka feature (no librdkafka) and without a sanitizer (libFuzzer still
 # catches every panic; FUZZ_SANITIZER=address for the C dependencies' memory errors) took 3m38s
 # on the quiet 2-core VM. VOLTAIL_FUZZ=0 skips it.
@@ -30,7 +30,7 @@ case "${1:-}" in
   run)
     shift
     [ $# -gt 0 ] && targets=("$@")
-    secs="${FUZZ_SECONDS:-10}"
+    secs="${FUZZ_SECONDS:-5}"
     scratch="$(mktemp -d)"
     trap 'rm -rf "$scratch"' EXIT
     for t in "${targets[@]}"; do
