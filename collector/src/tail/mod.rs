@@ -338,14 +338,19 @@ impl Tailer {
         wake
     }
 
-    /// Whether file `k` has something to do at `now`: its poll is due, or a partial line
-    /// waits to be flushed.
-    fn is_due(&self, k: FileKey, now: Instant) -> bool {
-        self.files.get(&k).is_some_and(|f| {
-            f.next_due <= now
-                || (f.framer.pending() > 0
-                    && f.last_change + self.sources[f.source].cfg.flush_partial_after.0 <= now)
+    /// When file `k` wants attention: its next poll, and the flush of a waiting partial line.
+    fn wake_times(&self, k: FileKey) -> Option<(Instant, Option<Instant>)> {
+        self.files.get(&k).map(|f| {
+            let flush = (f.framer.pending() > 0)
+                .then(|| f.last_change + self.sources[f.source].cfg.flush_partial_after.0);
+            (f.next_due, flush)
         })
+    }
+
+    /// Whether file `k` has something to do at `now`.
+    fn is_due(&self, k: FileKey, now: Instant) -> bool {
+        self.wake_times(k)
+            .is_some_and(|(poll, flush)| poll <= now || flush.is_some_and(|t| t <= now))
     }
 
     /// Takes the files due at `now` off the schedule, each once.
@@ -368,11 +373,9 @@ impl Tailer {
     /// Drops stale entries from the top of the schedule so the next wake-up is a real one.
     fn prune_schedule(&mut self) {
         while let Some(&Reverse((t, k))) = self.schedule.peek() {
-            let live = self.files.get(&k).is_some_and(|f| {
-                f.next_due == t
-                    || (f.framer.pending() > 0
-                        && f.last_change + self.sources[f.source].cfg.flush_partial_after.0 == t)
-            });
+            let live = self
+                .wake_times(k)
+                .is_some_and(|(poll, flush)| poll == t || flush == Some(t));
             if live {
                 break;
             }
@@ -499,27 +502,17 @@ impl Tailer {
 
     fn discover(&mut self, now: Instant) {
         let (files, by_path) = (&self.files, &self.by_path);
-        let live = |p: &Path| {
-            by_path
-                .get(p)
-                .and_then(|k| files.get(k))
-                .is_some_and(|f| !f.orphan)
-        };
-        let candidates = self.discovery.scan_new(&self.events, &live);
+        let candidates = self
+            .discovery
+            .scan_new(&self.events, &|p| follows(files, by_path, p));
         let initial = !self.discovered_once;
         // New files are opened (open, fstat, first bytes) concurrently: on a network
         // filesystem each call is a round trip, and thousands of new pods at start-up would
         // otherwise cost thousands of sequential round trips before the first read.
+        // (`scan_new` already left out the paths the tailer follows.)
         let fresh: Vec<Candidate> = candidates
             .into_iter()
-            .filter(|c| {
-                let live = self
-                    .by_path
-                    .get(&c.path)
-                    .and_then(|k| self.files.get(k))
-                    .is_some_and(|f| !f.orphan);
-                !live && !self.failed_opens.contains_key(&c.path)
-            })
+            .filter(|c| !self.failed_opens.contains_key(&c.path))
             .collect();
         for (c, opened) in open_all(&self.discovery, fresh) {
             self.consider(c, opened, now, initial);
@@ -540,12 +533,7 @@ impl Tailer {
     }
 
     fn consider(&mut self, c: Candidate, opened: Opened, now: Instant, initial: bool) {
-        if let Some(k) = self.by_path.get(&c.path) {
-            if self.files.get(k).is_some_and(|f| !f.orphan) {
-                return;
-            }
-        }
-        if self.failed_opens.contains_key(&c.path) {
+        if follows(&self.files, &self.by_path, &c.path) {
             return;
         }
         let (file, st, prefix) = match opened {
@@ -1390,6 +1378,18 @@ enum Op {
     Read,
 }
 
+/// Whether the tailer follows a live (not orphaned) file at `path`.
+fn follows(
+    files: &HashMap<FileKey, Tracked>,
+    by_path: &HashMap<PathBuf, FileKey>,
+    path: &Path,
+) -> bool {
+    by_path
+        .get(path)
+        .and_then(|k| files.get(k))
+        .is_some_and(|f| !f.orphan)
+}
+
 /// A candidate opened: the file, its stat and its first bytes; `None` when it went away
 /// between open and stat.
 type Opened = Result<Option<(File, Stat, Vec<u8>)>, crate::discovery::DiscoveryError>;
@@ -1409,10 +1409,11 @@ fn read_prefix(file: &File) -> Vec<u8> {
 
 fn open_one(d: &Discovery, c: &Candidate) -> Opened {
     let file = d.open(c)?;
-    Ok(backend::statx_fd(file.as_raw_fd())
-        .ok()
-        .map(|st| (read_prefix(&file), st))
-        .map(|(prefix, st)| (file, st, prefix)))
+    let Ok(st) = backend::statx_fd(file.as_raw_fd()) else {
+        return Ok(None);
+    };
+    let prefix = read_prefix(&file);
+    Ok(Some((file, st, prefix)))
 }
 
 /// Opens every candidate, on up to [`OPEN_THREADS`] threads when there are many; results in
