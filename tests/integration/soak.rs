@@ -22,18 +22,6 @@ const RATE: u64 = 10;
 /// A pod's file is renamed to `access.log.N` after about this many lines (~2 min at 10/s).
 const ROTATE_LINES: u64 = 1200;
 
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -201,8 +189,8 @@ fn soak() {
         let row = (
             t,
             lines_before + c.metric("voltail_read_lines_total").unwrap_or(0.0) as u64,
-            proc_status(pid, "VmRSS:"),
-            proc_status(pid, "VmHWM:"),
+            c.rss_kib().unwrap_or(0),
+            c.peak_rss_kib().unwrap_or(0),
             open_fds(pid),
             std::fs::metadata(&ck).map(|m| m.len()).unwrap_or(0),
             c.metric("voltail_lag_bytes").unwrap_or(0.0) as u64,
