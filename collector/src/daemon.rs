@@ -27,6 +27,9 @@ use crate::metrics::{Events, Health, Status};
 use crate::tail::{Exit, SourceRt, Tailer, TailerOptions, TailerParts};
 use crate::uploader::{UploadExit, Uploader};
 
+/// Threads discovery makes its listings and stats on, on a network volume.
+const DISCOVERY_THREADS: usize = 32;
+
 /// Start-up failures (the only errors that stop the process).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -167,8 +170,12 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         .map(SourceRt::new)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| DaemonError::Source(e.to_string()))?;
-    let discovery = Discovery::new(&cfg.sources, cfg.shard())?;
+    let mut discovery = Discovery::new(&cfg.sources, cfg.shard())?;
     let selected = crate::tail::select::select(cfg.reader, discovery.bases());
+    // On a network volume every listing and stat of discovery is a round trip: overlap them.
+    if selected.network {
+        discovery.set_io_threads(DISCOVERY_THREADS);
+    }
     tracing::info!(backend = selected.name, reason = %selected.reason, "read backend");
     let backend = selected.backend;
 

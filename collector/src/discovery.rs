@@ -102,6 +102,93 @@ enum Kind {
     Other,
 }
 
+/// Where the walk stands: `path` at component `ci` of include pattern `pi` of source `si`.
+#[derive(Debug)]
+struct Step {
+    si: usize,
+    pi: usize,
+    path: PathBuf,
+    ci: usize,
+    depth: usize,
+    at: At,
+}
+
+impl Step {
+    fn walk(si: usize, pi: usize, path: PathBuf, ci: usize, depth: usize) -> Step {
+        Step {
+            si,
+            pi,
+            path,
+            ci,
+            depth,
+            at: At::Dir,
+        }
+    }
+}
+
+/// What `Step::path` is to the walk.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    /// A directory whose entries are matched against component `ci`.
+    Dir,
+    /// A path component `ci` named (its kind known from a listing, or not yet): the file to
+    /// admit when `ci` is the last component, else a directory to walk at `ci + 1`.
+    Entry(Option<Kind>),
+    /// An entry of a directory walked by `**` at `ci`: walked at `ci` too if a directory.
+    Into(Kind),
+}
+
+/// A directory listing as [`fetch_listing`] found it.
+#[derive(Debug)]
+enum Listing {
+    /// The directory is gone, or cannot be listed.
+    Gone,
+    /// Its mtime is the cached listing's: the cache holds.
+    Unchanged,
+    /// Listed at this mtime.
+    Read(i64, Vec<(OsString, Kind)>),
+}
+
+/// Lists `dir` unless its mtime is `cached` (the mtime of the listing held), entries sorted.
+fn fetch_listing(dir: &Path, cached: Option<i64>) -> Listing {
+    let Ok(md) = std::fs::metadata(dir) else {
+        return Listing::Gone;
+    };
+    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    if cached == Some(mtime) {
+        return Listing::Unchanged;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Listing::Gone;
+    };
+    let mut items = Vec::new();
+    for e in rd.flatten() {
+        let kind = match e.file_type() {
+            Ok(t) if t.is_symlink() => Kind::Symlink,
+            Ok(t) if t.is_dir() => Kind::Dir,
+            Ok(t) if t.is_file() => Kind::File,
+            _ => Kind::Other,
+        };
+        items.push((e.file_name(), kind));
+    }
+    items.sort();
+    Listing::Read(mtime, items)
+}
+
+/// The kind of the entry at `p` without following a symlink; `None` when there is none.
+fn lstat_kind(p: &Path) -> Option<Kind> {
+    let m = std::fs::symlink_metadata(p).ok()?;
+    Some(if m.file_type().is_symlink() {
+        Kind::Symlink
+    } else if m.is_dir() {
+        Kind::Dir
+    } else if m.is_file() {
+        Kind::File
+    } else {
+        Kind::Other
+    })
+}
+
 /// Finds files by glob.
 #[derive(Debug)]
 pub struct Discovery {
@@ -112,6 +199,8 @@ pub struct Discovery {
     refused: HashSet<PathBuf>,
     listings: HashMap<PathBuf, (i64, Vec<(OsString, Kind)>)>,
     passes: u64,
+    /// Threads a pass makes its filesystem calls on (1: one after the other).
+    io_threads: usize,
 }
 
 fn has_meta(s: &str) -> bool {
@@ -200,9 +289,16 @@ impl Discovery {
             refused: HashSet::new(),
             listings: HashMap::new(),
             passes: 0,
+            io_threads: 1,
         };
         d.refresh_roots();
         Ok(d)
+    }
+
+    /// Makes each pass's directory listings and `lstat`s on up to `threads` threads at once
+    /// (default 1): worth it on network filesystems, where each call is a round trip.
+    pub fn set_io_threads(&mut self, threads: usize) {
+        self.io_threads = threads.max(1);
     }
 
     /// The literal bases of the include globs, as written (they may not exist yet).
@@ -239,41 +335,182 @@ impl Discovery {
     /// at that path) are neither stated nor returned: each would cost two or three round
     /// trips per pass on a network filesystem, and the tailer's own poll already notices
     /// when such a path names another file.
+    ///
+    /// The walk goes in waves: every step that needs no filesystem call is taken, then the
+    /// calls the remaining steps wait for (directory listings, `lstat`s) are made together, on
+    /// [`Discovery::set_io_threads`] threads, and the walk goes on with their results. A tree
+    /// of 2,000 pod directories on a network volume thus costs a few rounds of overlapping
+    /// round trips instead of thousands of sequential ones.
     pub fn scan_new(&mut self, events: &Events, known: &dyn Fn(&Path) -> bool) -> Vec<Candidate> {
         let t = Instant::now();
         self.refresh_roots();
         self.passes += 1;
         let full = self.passes % FULL_RESCAN_EVERY == 0;
-        let mut found: Vec<Candidate> = Vec::new();
-        let mut seen: HashSet<PathBuf> = HashSet::new();
+        let mut found: HashMap<PathBuf, Candidate> = HashMap::new();
         let mut live_dirs: HashSet<PathBuf> = HashSet::new();
-        for si in 0..self.sources.len() {
-            for pi in 0..self.sources[si].include.len() {
-                let base = self.sources[si].include[pi].base.clone();
-                let mut visited = HashSet::new();
-                self.walk(
-                    si,
-                    pi,
-                    &base,
-                    0,
-                    0,
-                    full,
-                    events,
-                    &mut visited,
-                    &mut live_dirs,
-                    &mut |c| {
-                        if seen.insert(c.path.clone()) {
-                            found.push(c);
+        // Symlinked directories entered, per include pattern (symlink loops end there).
+        let mut visited: HashMap<(usize, usize), HashSet<PathBuf>> = HashMap::new();
+        let mut ready: Vec<Step> = Vec::new();
+        for (si, s) in self.sources.iter().enumerate() {
+            for (pi, p) in s.include.iter().enumerate() {
+                ready.push(Step::walk(si, pi, p.base.clone(), 0, 0));
+            }
+        }
+        loop {
+            // Take every step that needs no call; keep those that wait for one.
+            let mut to_list: Vec<Step> = Vec::new();
+            let mut to_stat: Vec<Step> = Vec::new();
+            while let Some(step) = ready.pop() {
+                let (si, pi) = (step.si, step.pi);
+                let ncomps = self.sources[si].include[pi].comps.len();
+                if step.depth > MAX_DEPTH || step.ci >= ncomps {
+                    continue;
+                }
+                let last = step.ci + 1 == ncomps;
+                match step.at {
+                    At::Dir => match &self.sources[si].include[pi].comps[step.ci] {
+                        Comp::Literal(name) => {
+                            let path = step.path.join(name);
+                            ready.push(Step {
+                                path,
+                                at: At::Entry(None),
+                                ..step
+                            });
+                        }
+                        Comp::Glob(_) => {
+                            live_dirs.insert(step.path.clone());
+                            to_list.push(step);
+                        }
+                        Comp::AnyDepth => {
+                            // `**` matches zero directories here, or descends into each one.
+                            live_dirs.insert(step.path.clone());
+                            ready.push(Step::walk(
+                                si,
+                                pi,
+                                step.path.clone(),
+                                step.ci + 1,
+                                step.depth,
+                            ));
+                            to_list.push(step);
                         }
                     },
-                    known,
-                );
+                    At::Entry(_) if last && known(&step.path) => {}
+                    At::Entry(None) => to_stat.push(step),
+                    At::Entry(Some(kind)) => {
+                        let entered = visited.entry((si, pi)).or_default();
+                        if let Some(next) = self.enter(step, kind, last, events, entered, &mut found)
+                        {
+                            ready.push(next);
+                        }
+                    }
+                    At::Into(kind) => {
+                        let entered = visited.entry((si, pi)).or_default();
+                        if self.descends(&step.path, kind, events, entered) {
+                            ready.push(Step { at: At::Dir, ..step });
+                        }
+                    }
+                }
+            }
+            if to_list.is_empty() && to_stat.is_empty() {
+                break;
+            }
+            // The calls, together.
+            let mut dirs: Vec<(PathBuf, Option<i64>)> =
+                to_list.iter().map(|s| (s.path.clone(), None)).collect();
+            dirs.sort();
+            dirs.dedup();
+            for (dir, cached) in &mut dirs {
+                *cached = (!full)
+                    .then(|| self.listings.get(dir).map(|(m, _)| *m))
+                    .flatten();
+            }
+            let listed = crate::par::map(&dirs, self.io_threads, |(dir, cached)| {
+                fetch_listing(dir, *cached)
+            });
+            let kinds = crate::par::map(&to_stat, self.io_threads, |s| lstat_kind(&s.path));
+            for ((dir, _), l) in dirs.into_iter().zip(listed) {
+                match l {
+                    Listing::Gone => {
+                        self.listings.remove(&dir);
+                    }
+                    Listing::Unchanged => {}
+                    Listing::Read(mtime, items) => {
+                        self.listings.insert(dir, (mtime, items));
+                    }
+                }
+            }
+            // The walk goes on with their results.
+            for step in to_list {
+                let Some((_, items)) = self.listings.get(&step.path) else {
+                    continue;
+                };
+                let comp = &self.sources[step.si].include[step.pi].comps[step.ci];
+                for (name, kind) in items {
+                    let path = step.path.join(name);
+                    match comp {
+                        Comp::Glob(m) if m.is_match(name) => ready.push(Step {
+                            path,
+                            at: At::Entry(Some(*kind)),
+                            ..step
+                        }),
+                        // Into every subdirectory (`enter` checks that it is one), `**` still
+                        // to match.
+                        Comp::AnyDepth => ready.push(Step {
+                            path,
+                            at: At::Into(*kind),
+                            depth: step.depth + 1,
+                            ..step
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            for (step, kind) in to_stat.into_iter().zip(kinds) {
+                if let Some(kind) = kind {
+                    ready.push(Step {
+                        at: At::Entry(Some(kind)),
+                        ..step
+                    });
+                }
             }
         }
         // Forget listings of directories that are gone or no longer walked.
         self.listings.retain(|d, _| live_dirs.contains(d));
         events.discovery(t.elapsed());
+        let mut found: Vec<Candidate> = found.into_values().collect();
+        found.sort_by(|a, b| a.path.cmp(&b.path));
         found
+    }
+
+    /// Where the walk goes from an entry of kind `kind` at `step` (its kind known): a file
+    /// named by the last component is admitted into `found` (the first source wins); a
+    /// directory (or a symlink to one inside the roots) is walked at the next component.
+    fn enter(
+        &mut self,
+        step: Step,
+        kind: Kind,
+        last: bool,
+        events: &Events,
+        entered: &mut HashSet<PathBuf>,
+        found: &mut HashMap<PathBuf, Candidate>,
+    ) -> Option<Step> {
+        if last {
+            if matches!(kind, Kind::File | Kind::Symlink)
+                && !self.sources[step.si].exclude.is_match(&step.path)
+            {
+                if let Some(c) = self.admit(step.si, &step.path, Some(kind), events) {
+                    match found.get(&c.path) {
+                        Some(prev) if prev.source <= c.source => {}
+                        _ => {
+                            found.insert(c.path.clone(), c);
+                        }
+                    }
+                }
+            }
+            return None;
+        }
+        self.descends(&step.path, kind, events, entered)
+            .then(|| Step::walk(step.si, step.pi, step.path, step.ci + 1, step.depth + 1))
     }
 
     /// Whether source `source` excludes `path`.
@@ -366,200 +603,6 @@ impl Discovery {
                 None => false,
             },
             _ => false,
-        }
-    }
-
-    fn list(&mut self, dir: &Path, full: bool) -> Vec<(OsString, Kind)> {
-        let mtime = std::fs::metadata(dir)
-            .map(|m| m.mtime() * 1_000_000_000 + m.mtime_nsec())
-            .ok();
-        let Some(mtime) = mtime else {
-            self.listings.remove(dir);
-            return Vec::new();
-        };
-        if !full {
-            if let Some((m, items)) = self.listings.get(dir) {
-                if *m == mtime {
-                    return items.clone();
-                }
-            }
-        }
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut items = Vec::new();
-        for e in rd.flatten() {
-            let kind = match e.file_type() {
-                Ok(t) if t.is_symlink() => Kind::Symlink,
-                Ok(t) if t.is_dir() => Kind::Dir,
-                Ok(t) if t.is_file() => Kind::File,
-                _ => Kind::Other,
-            };
-            items.push((e.file_name(), kind));
-        }
-        items.sort();
-        self.listings
-            .insert(dir.to_path_buf(), (mtime, items.clone()));
-        items
-    }
-
-    #[allow(clippy::too_many_arguments)] // a recursive walk's state; a struct would only rename it
-    fn walk(
-        &mut self,
-        si: usize,
-        pi: usize,
-        dir: &Path,
-        ci: usize,
-        depth: usize,
-        full: bool,
-        events: &Events,
-        visited: &mut HashSet<PathBuf>,
-        live_dirs: &mut HashSet<PathBuf>,
-        out: &mut dyn FnMut(Candidate),
-        known: &dyn Fn(&Path) -> bool,
-    ) {
-        if depth > MAX_DEPTH {
-            return;
-        }
-        let ncomps = self.sources[si].include[pi].comps.len();
-        if ci == ncomps {
-            return;
-        }
-        let last = ci + 1 == ncomps;
-        enum Step {
-            Literal(OsString),
-            Glob,
-            AnyDepth,
-        }
-        let step = match &self.sources[si].include[pi].comps[ci] {
-            Comp::Literal(n) => Step::Literal(n.clone()),
-            Comp::Glob(_) => Step::Glob,
-            Comp::AnyDepth => Step::AnyDepth,
-        };
-        match step {
-            Step::Literal(name) => {
-                let p = dir.join(&name);
-                self.visit(
-                    si, pi, &p, None, ci, last, depth, full, events, visited, live_dirs, out, known,
-                );
-            }
-            Step::Glob => {
-                live_dirs.insert(dir.to_path_buf());
-                for (name, kind) in self.list(dir, full) {
-                    let Comp::Glob(m) = &self.sources[si].include[pi].comps[ci] else {
-                        continue;
-                    };
-                    if m.is_match(&name) {
-                        let p = dir.join(&name);
-                        self.visit(
-                            si,
-                            pi,
-                            &p,
-                            Some(kind),
-                            ci,
-                            last,
-                            depth,
-                            full,
-                            events,
-                            visited,
-                            live_dirs,
-                            out,
-                            known,
-                        );
-                    }
-                }
-            }
-            Step::AnyDepth => {
-                // `**` matches zero directories here...
-                self.walk(
-                    si,
-                    pi,
-                    dir,
-                    ci + 1,
-                    depth,
-                    full,
-                    events,
-                    visited,
-                    live_dirs,
-                    out,
-                    known,
-                );
-                // ... or descends into each subdirectory.
-                live_dirs.insert(dir.to_path_buf());
-                for (name, kind) in self.list(dir, full) {
-                    let p = dir.join(&name);
-                    if self.descends(&p, kind, events, visited) {
-                        self.walk(
-                            si,
-                            pi,
-                            &p,
-                            ci,
-                            depth + 1,
-                            full,
-                            events,
-                            visited,
-                            live_dirs,
-                            out,
-                            known,
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)] // see walk
-    fn visit(
-        &mut self,
-        si: usize,
-        pi: usize,
-        p: &Path,
-        kind: Option<Kind>,
-        ci: usize,
-        last: bool,
-        depth: usize,
-        full: bool,
-        events: &Events,
-        visited: &mut HashSet<PathBuf>,
-        live_dirs: &mut HashSet<PathBuf>,
-        out: &mut dyn FnMut(Candidate),
-        known: &dyn Fn(&Path) -> bool,
-    ) {
-        if last && known(p) {
-            return;
-        }
-        let kind = match kind {
-            Some(k) => k,
-            None => match std::fs::symlink_metadata(p) {
-                Ok(m) if m.file_type().is_symlink() => Kind::Symlink,
-                Ok(m) if m.is_dir() => Kind::Dir,
-                Ok(m) if m.is_file() => Kind::File,
-                Ok(_) => Kind::Other,
-                Err(_) => return,
-            },
-        };
-        if last {
-            if matches!(kind, Kind::File | Kind::Symlink) && !self.sources[si].exclude.is_match(p) {
-                if let Some(c) = self.admit(si, p, Some(kind), events) {
-                    out(c);
-                }
-            }
-            return;
-        }
-        if self.descends(p, kind, events, visited) {
-            self.walk(
-                si,
-                pi,
-                p,
-                ci + 1,
-                depth + 1,
-                full,
-                events,
-                visited,
-                live_dirs,
-                out,
-                known,
-            );
         }
     }
 
@@ -720,6 +763,56 @@ mod tests {
         assert_eq!(names(&mut d, r), vec!["a/b/c/deep.log", "top.log"]);
         assert!(d.check(&r.join("a/b/c/deep.log"), &Events::new()).is_some());
         assert!(d.check(&r.join("a/b/c/deep.txt"), &Events::new()).is_none());
+    }
+
+    #[test]
+    fn a_walk_on_many_threads_finds_what_one_thread_finds() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path().join("logs");
+        for i in 0..60 {
+            let pod = r.join(format!("ns_pod-{i}_10.0.0.{i}_10.1.0.1_node"));
+            std::fs::create_dir_all(pod.join("sub/deeper")).expect("mkdir");
+            std::fs::write(pod.join("access.log"), "x\n").expect("w");
+            std::fs::write(pod.join("error.log"), "x\n").expect("w");
+            std::fs::write(pod.join("access.log.gz"), "x\n").expect("w");
+            std::fs::write(pod.join("sub/deeper/app.log"), "x\n").expect("w");
+        }
+        // A symlinked pod directory and file inside the roots, a loop, and one outside.
+        symlink(r.join("ns_pod-1_10.0.0.1_10.1.0.1_node"), r.join("alias_pod")).expect("ln");
+        symlink(r.join("ns_pod-2_10.0.0.2_10.1.0.1_node/access.log"), r.join("ns_pod-3_10.0.0.3_10.1.0.1_node/linked.log")).expect("ln");
+        symlink(&r, r.join("ns_pod-4_10.0.0.4_10.1.0.1_node/sub/loop")).expect("ln");
+        symlink("/etc", r.join("ns_pod-5_10.0.0.5_10.1.0.1_node/etc.log")).expect("ln");
+        let sources = [
+            source(&[format!("{}/*/access.log", r.display())], &[]),
+            source(
+                &[format!("{}/**/*.log", r.display())],
+                &["**/error.log"],
+            ),
+        ];
+        let scan = |threads: usize| {
+            let mut d = Discovery::new(&sources, None).expect("new");
+            d.set_io_threads(threads);
+            let mut passes = Vec::new();
+            for _ in 0..FULL_RESCAN_EVERY + 1 {
+                let found: Vec<(PathBuf, usize)> = d
+                    .scan(&Events::new())
+                    .into_iter()
+                    .map(|c| (c.path, c.source))
+                    .collect();
+                passes.push(found);
+            }
+            passes
+        };
+        let one = scan(1);
+        let many = scan(16);
+        assert_eq!(one, many);
+        let first = &one[0];
+        assert!(first.len() > 120, "found {}", first.len());
+        assert!(first.iter().all(|(p, _)| !p.ends_with("error.log") && !p.ends_with("etc.log")));
+        assert!(first.contains(&(r.join("alias_pod/access.log"), 0)), "first source wins");
+        assert!(first.contains(&(r.join("ns_pod-7_10.0.0.7_10.1.0.1_node/sub/deeper/app.log"), 1)));
+        assert!(first.iter().any(|(p, _)| p.ends_with("linked.log")));
+        assert!(one.windows(2).all(|w| w[0] == w[1]), "passes agree, full re-list included");
     }
 
     #[test]

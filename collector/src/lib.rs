@@ -22,6 +22,7 @@ pub mod identity;
 pub mod lag;
 pub mod lock;
 pub mod metrics;
+pub mod par;
 pub mod probe;
 pub mod report;
 pub mod sink;

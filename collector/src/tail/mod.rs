@@ -1394,8 +1394,6 @@ fn follows(
 /// between open and stat.
 type Opened = Result<Option<(File, Stat, Vec<u8>)>, crate::discovery::DiscoveryError>;
 
-/// Below this many new files, opening them one after the other is cheaper than threads.
-const PARALLEL_OPEN_MIN: usize = 32;
 /// Threads opening new files at once (an NFS client keeps dozens of RPCs in flight).
 const OPEN_THREADS: usize = 32;
 
@@ -1419,36 +1417,8 @@ fn open_one(d: &Discovery, c: &Candidate) -> Opened {
 /// Opens every candidate, on up to [`OPEN_THREADS`] threads when there are many; results in
 /// the candidates' order.
 fn open_all(d: &Discovery, cands: Vec<Candidate>) -> Vec<(Candidate, Opened)> {
-    if cands.len() < PARALLEL_OPEN_MIN {
-        return cands
-            .into_iter()
-            .map(|c| {
-                let o = open_one(d, &c);
-                (c, o)
-            })
-            .collect();
-    }
-    let threads = OPEN_THREADS.min(cands.len() / 8).max(2);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut slots: Vec<Option<Opened>> = Vec::new();
-    slots.resize_with(cands.len(), || None);
-    let slots = std::sync::Mutex::new(slots);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(c) = cands.get(i) else { break };
-                let o = open_one(d, c);
-                slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(o);
-            });
-        }
-    });
-    let slots = slots.into_inner().unwrap_or_else(|p| p.into_inner());
-    cands
-        .into_iter()
-        .zip(slots)
-        .filter_map(|(c, o)| o.map(|o| (c, o)))
-        .collect()
+    let opened = crate::par::map(&cands, OPEN_THREADS, |c| open_one(d, c));
+    cands.into_iter().zip(opened).collect()
 }
 
 fn cstring(p: &Path) -> CString {

@@ -27,6 +27,8 @@ pub struct Selected {
     pub name: &'static str,
     /// Why it was chosen, for the startup log line.
     pub reason: String,
+    /// Whether a root is on a network or FUSE filesystem (every call a round trip).
+    pub network: bool,
 }
 
 impl std::fmt::Debug for Selected {
@@ -161,6 +163,7 @@ pub fn select(kind: ReaderKind, roots: &[PathBuf]) -> Selected {
             backend: Box::new(PreadBackend),
             name: "pread",
             reason: format!("auto: {where_}; local filesystems are fastest with plain syscalls"),
+            network: false,
         },
         ReaderKind::Auto | ReaderKind::IoUring => {
             let mode = if kind == ReaderKind::Auto {
@@ -178,6 +181,7 @@ pub fn select(kind: ReaderKind, roots: &[PathBuf]) -> Selected {
                     backend: Box::new(b),
                     name: "io_uring",
                     reason: format!("{mode}: {where_}; io_uring available"),
+                    network: is_network,
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring refused; falling back to pread");
@@ -199,12 +203,14 @@ fn plain(reason: String, network: bool) -> Selected {
             reason: format!("{reason}; pread on {} threads", pool.threads()),
             name: "pread_pool",
             backend: Box::new(pool),
+            network: true,
         }
     } else {
         Selected {
             backend: Box::new(PreadBackend),
             name: "pread",
             reason,
+            network: false,
         }
     }
 }
