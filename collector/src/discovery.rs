@@ -398,7 +398,8 @@ impl Discovery {
                     At::Entry(None) => to_stat.push(step),
                     At::Entry(Some(kind)) => {
                         let entered = visited.entry((si, pi)).or_default();
-                        if let Some(next) = self.enter(step, kind, last, events, entered, &mut found)
+                        if let Some(next) =
+                            self.enter(step, kind, last, events, entered, &mut found)
                         {
                             ready.push(next);
                         }
@@ -406,7 +407,10 @@ impl Discovery {
                     At::Into(kind) => {
                         let entered = visited.entry((si, pi)).or_default();
                         if self.descends(&step.path, kind, events, entered) {
-                            ready.push(Step { at: At::Dir, ..step });
+                            ready.push(Step {
+                                at: At::Dir,
+                                ..step
+                            });
                         }
                     }
                 }
@@ -778,16 +782,21 @@ mod tests {
             std::fs::write(pod.join("sub/deeper/app.log"), "x\n").expect("w");
         }
         // A symlinked pod directory and file inside the roots, a loop, and one outside.
-        symlink(r.join("ns_pod-1_10.0.0.1_10.1.0.1_node"), r.join("alias_pod")).expect("ln");
-        symlink(r.join("ns_pod-2_10.0.0.2_10.1.0.1_node/access.log"), r.join("ns_pod-3_10.0.0.3_10.1.0.1_node/linked.log")).expect("ln");
+        symlink(
+            r.join("ns_pod-1_10.0.0.1_10.1.0.1_node"),
+            r.join("alias_pod"),
+        )
+        .expect("ln");
+        symlink(
+            r.join("ns_pod-2_10.0.0.2_10.1.0.1_node/access.log"),
+            r.join("ns_pod-3_10.0.0.3_10.1.0.1_node/linked.log"),
+        )
+        .expect("ln");
         symlink(&r, r.join("ns_pod-4_10.0.0.4_10.1.0.1_node/sub/loop")).expect("ln");
         symlink("/etc", r.join("ns_pod-5_10.0.0.5_10.1.0.1_node/etc.log")).expect("ln");
         let sources = [
             source(&[format!("{}/*/access.log", r.display())], &[]),
-            source(
-                &[format!("{}/**/*.log", r.display())],
-                &["**/error.log"],
-            ),
+            source(&[format!("{}/**/*.log", r.display())], &["**/error.log"]),
         ];
         let scan = |threads: usize| {
             let mut d = Discovery::new(&sources, None).expect("new");
@@ -808,11 +817,22 @@ mod tests {
         assert_eq!(one, many);
         let first = &one[0];
         assert!(first.len() > 120, "found {}", first.len());
-        assert!(first.iter().all(|(p, _)| !p.ends_with("error.log") && !p.ends_with("etc.log")));
-        assert!(first.contains(&(r.join("alias_pod/access.log"), 0)), "first source wins");
-        assert!(first.contains(&(r.join("ns_pod-7_10.0.0.7_10.1.0.1_node/sub/deeper/app.log"), 1)));
+        assert!(first
+            .iter()
+            .all(|(p, _)| !p.ends_with("error.log") && !p.ends_with("etc.log")));
+        assert!(
+            first.contains(&(r.join("alias_pod/access.log"), 0)),
+            "first source wins"
+        );
+        assert!(first.contains(&(
+            r.join("ns_pod-7_10.0.0.7_10.1.0.1_node/sub/deeper/app.log"),
+            1
+        )));
         assert!(first.iter().any(|(p, _)| p.ends_with("linked.log")));
-        assert!(one.windows(2).all(|w| w[0] == w[1]), "passes agree, full re-list included");
+        assert!(
+            one.windows(2).all(|w| w[0] == w[1]),
+            "passes agree, full re-list included"
+        );
     }
 
     #[test]

@@ -129,6 +129,10 @@ struct Tracked {
     source: usize,
     path: PathBuf,
     cpath: CString,
+    /// When what `path` names is to be checked next even if the file did not change.
+    next_path_check: Instant,
+    /// The file's size when its path was last checked.
+    path_checked_size: u64,
     file: File,
     dev: u64,
     ino: u64,
@@ -662,6 +666,8 @@ impl Tailer {
             key,
             source,
             cpath: cstring(&path),
+            next_path_check: now,
+            path_checked_size: st.size,
             path: path.clone(),
             file,
             dev: st.dev,
@@ -865,7 +871,7 @@ impl Tailer {
         let mut to_read = Vec::new();
         let mut vacated = Vec::new();
         for chunk in due.chunks(STAT_CHUNK) {
-            for (k, (fs, ps)) in chunk.iter().zip(self.stat_chunk(chunk)) {
+            for (k, (fs, ps)) in chunk.iter().zip(self.stat_chunk(chunk, now)) {
                 if self.after_stat(*k, fs, ps, now, &mut vacated) {
                     to_read.push(*k);
                 }
@@ -911,35 +917,99 @@ impl Tailer {
         })
     }
 
-    /// Stats of a chunk of due files: `(descriptor, path)`. A live file's path is stated
-    /// first; while it still names the file, that stat is the file's (one call per file);
-    /// only when it names another inode or is gone is the descriptor stated too. Orphans
-    /// (rotated away, deleted) are stated through their descriptor only.
-    fn stat_chunk(&mut self, chunk: &[FileKey]) -> Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> {
+    /// Stats of a chunk of due files: `(descriptor, path)`.
+    ///
+    /// Every file is stated once, through its descriptor: size, links, mtime. What its path
+    /// names (the rename-rotation check) is asked only where it can have changed usefully:
+    /// - a live file that stopped growing after it grew since its path was last checked (a
+    ///   writer that moved on to a new file at the path leaves the old one still), in the same
+    ///   round, as a second phase;
+    /// - any live file whose path was last checked a `discover_interval` ago (a file rotated
+    ///   while idle is noticed at discovery's pace, like a new file), in the first phase, where
+    ///   the path's stat, while it names the file, is also the file's (one call).
+    ///
+    /// So a round over idle or steadily growing files costs one call per file, not the two or
+    /// three round trips of a path lookup plus a getattr on a network volume. Truncation and
+    /// deletion show in the descriptor's stat at once. Orphans (rotated away, deleted) are
+    /// stated through their descriptor only.
+    fn stat_chunk(
+        &mut self,
+        chunk: &[FileKey],
+        now: Instant,
+    ) -> Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> {
+        let path_due: Vec<bool> = chunk
+            .iter()
+            .map(|k| {
+                let f = &self.files[k];
+                !f.orphan && now >= f.next_path_check
+            })
+            .collect();
+        // Phase 1: each file's descriptor, or its path where that check is due.
         let mut results: Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> = {
             let mut ops: Vec<StatOp<'_>> = chunk
                 .iter()
-                .map(|k| {
+                .zip(&path_due)
+                .map(|(k, &due)| {
                     let f = &self.files[k];
-                    if f.orphan {
-                        StatOp::new(f.file.as_raw_fd(), None)
+                    if due {
+                        path_op(f)
                     } else {
-                        StatOp::new(-1, Some(f.cpath.as_c_str()))
+                        StatOp::new(f.file.as_raw_fd(), None)
                     }
                 })
                 .collect();
             self.backend.stat_batch(&mut ops);
             ops.into_iter().map(|o| (o.fd_stat, o.path_stat)).collect()
         };
-        let mut need_fd = Vec::new();
-        for (i, (k, (fs, ps))) in chunk.iter().zip(results.iter_mut()).enumerate() {
-            let f = &self.files[k];
-            if f.orphan {
-                continue;
+        let checked: Vec<usize> = (0..chunk.len()).filter(|&i| path_due[i]).collect();
+        // Phase 2: paths of files that stopped growing since they grew past their last check.
+        let stopped: Vec<usize> = (0..chunk.len())
+            .filter(|&i| {
+                let f = &self.files[&chunk[i]];
+                !path_due[i]
+                    && !f.orphan
+                    && f.size > f.path_checked_size
+                    && matches!(results[i].0, Ok(st) if st.size == f.size)
+            })
+            .collect();
+        if !stopped.is_empty() {
+            let ps: Vec<Result<Stat, Errno>> = {
+                let mut ops: Vec<StatOp<'_>> = stopped
+                    .iter()
+                    .map(|&i| path_op(&self.files[&chunk[i]]))
+                    .collect();
+                self.backend.stat_batch(&mut ops);
+                ops.into_iter().map(|o| o.path_stat).collect()
+            };
+            for (&i, ps) in stopped.iter().zip(ps) {
+                results[i].1 = ps;
             }
-            match ps {
-                Ok(p) if p.ino == f.ino && p.dev == f.dev => *fs = Ok(*p),
-                _ => need_fd.push(i),
+        }
+        // Where a path was stated: while it names the file, that is the file's stat; else the
+        // descriptor tells the file's own state (phase 3, when the path was due in phase 1).
+        let every = |f: &Tracked| self.sources[f.source].cfg.discover_interval.0;
+        let mut need_fd = Vec::new();
+        for &i in checked.iter().chain(&stopped) {
+            let Some(f) = self.files.get(&chunk[i]) else {
+                continue;
+            };
+            let next = now + every(f);
+            let (fs, ps) = &mut results[i];
+            let names_it = matches!(ps, Ok(p) if p.ino == f.ino && p.dev == f.dev);
+            if path_due[i] {
+                if names_it {
+                    *fs = *ps;
+                } else {
+                    need_fd.push(i);
+                }
+            }
+            let size = match fs {
+                Ok(st) => st.size,
+                Err(_) => f.size,
+            };
+            if let Some(f) = self.files.get_mut(&chunk[i]) {
+                f.next_path_check = next;
+                f.path_checked_size = size;
             }
         }
         if !need_fd.is_empty() {
@@ -1424,6 +1494,11 @@ fn open_all(d: &Discovery, cands: Vec<Candidate>) -> Vec<(Candidate, Opened)> {
 fn cstring(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes())
         .unwrap_or_else(|_| c"/nonexistent/path-with-nul".to_owned())
+}
+
+/// The stat of what `f`'s path names.
+fn path_op(f: &Tracked) -> StatOp<'_> {
+    StatOp::new(-1, Some(f.cpath.as_c_str()))
 }
 
 fn meta_for(src: &SourceRt, key: FileKey, path: &Path, fp: u64, events: &Events) -> Arc<FileMeta> {

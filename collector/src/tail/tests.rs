@@ -48,11 +48,13 @@ fn backend(i: usize) -> Box<dyn ReadBackend> {
     }
 }
 
-/// Counts the stat calls the tailer makes through the backend it wraps.
+/// Counts the stat calls the tailer makes through the backend it wraps (`stats`: ops, `paths`:
+/// the ops that state a path).
 #[derive(Debug)]
 struct Counting {
     inner: Box<dyn ReadBackend>,
     stats: Arc<std::sync::atomic::AtomicU64>,
+    paths: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ReadBackend for Counting {
@@ -62,6 +64,10 @@ impl ReadBackend for Counting {
     fn stat_batch(&mut self, ops: &mut [StatOp<'_>]) {
         self.stats
             .fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.paths.fetch_add(
+            ops.iter().filter(|o| o.path.is_some()).count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.inner.stat_batch(ops);
     }
     fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) {
@@ -72,6 +78,7 @@ impl ReadBackend for Counting {
 struct Harness {
     root: PathBuf,
     stats: Arc<std::sync::atomic::AtomicU64>,
+    paths: Arc<std::sync::atomic::AtomicU64>,
     backend: usize,
     extra: String,
     tailer: Option<Tailer>,
@@ -95,6 +102,7 @@ impl Harness {
         let mut h = Harness {
             root: root.to_path_buf(),
             stats: Arc::default(),
+            paths: Arc::default(),
             backend,
             extra: extra.to_string(),
             tailer: None,
@@ -133,6 +141,7 @@ impl Harness {
             backend: Box::new(Counting {
                 inner: backend(self.backend),
                 stats: Arc::clone(&self.stats),
+                paths: Arc::clone(&self.paths),
             }),
             builder: BatchBuilder::new(
                 BatchLimits {
@@ -369,6 +378,53 @@ fn idle_files_are_stated_once_per_interval_and_not_between() {
         t.schedule.len(),
         t.files.len()
     );
+}
+
+/// A round states each file once, through its descriptor; paths (the rename-rotation check,
+/// two or three round trips on a network volume) only every `discover_interval` or when a
+/// file stops growing, which is when a writer has moved on to a new file at the path.
+#[test]
+fn paths_are_checked_when_a_file_stops_growing_or_every_discover_interval() {
+    let d = tempfile::tempdir().expect("tmp");
+    for i in 0..10 {
+        append(&d.path().join(format!("pod{i}/app.log")), "line\n");
+    }
+    let mut h = Harness::new(d.path(), "discover_interval = \"5s\"\n");
+    h.step(true);
+    assert_eq!(h.messages().len(), 10);
+    let load = |c: &Arc<std::sync::atomic::AtomicU64>| c.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..3 {
+        h.step(true);
+    }
+    // Idle, polled every second (max_poll_interval 1 s here) for 20 s.
+    let (stats, paths) = (load(&h.stats), load(&h.paths));
+    for _ in 0..20 {
+        h.step(true);
+    }
+    let (stats, paths) = (load(&h.stats) - stats, load(&h.paths) - paths);
+    assert_eq!(stats, 10 * 20, "one stat per file and round");
+    assert!(
+        (10 * 4..=10 * 5).contains(&paths),
+        "{paths} path stats: each path every 5 s, not every round"
+    );
+    // A growing file is read through its descriptor; the round after it stops growing, its
+    // path is checked, so a rotation shows at once though the last check was just now.
+    let log = d.path().join("pod0/app.log");
+    for i in 0..3 {
+        append(&log, &format!("grow{i}\n"));
+        h.step(true);
+    }
+    std::fs::rename(&log, d.path().join("pod0/app.log.1")).expect("rotate");
+    append(&log, "after rotation\n");
+    h.step(true);
+    h.step(true);
+    let m = h.messages();
+    assert_eq!(
+        m.last().map(String::as_str),
+        Some("after rotation"),
+        "{m:?}"
+    );
+    assert_eq!(m.len(), 14);
 }
 
 #[test]
@@ -732,7 +788,9 @@ fn directory_that_vanishes_and_comes_back_is_not_read_again() {
         let mut h = Harness::on(&root, "", b);
         h.step(true);
         std::fs::rename(&pod, &away).expect("the directory vanishes");
-        for _ in 0..3 {
+        // Noticed at the next check of the quiet file's path (every `discover_interval`),
+        // then finished after `rotate_wait`.
+        for _ in 0..12 {
             h.step(true);
         }
         assert_eq!(h.tailer.as_ref().expect("t").tracked(), 0, "released");
