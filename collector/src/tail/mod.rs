@@ -133,6 +133,8 @@ struct Tracked {
     next_path_check: Instant,
     /// The file's size when its path was last checked.
     path_checked_size: u64,
+    /// The size last put on the lag board.
+    lag_size: u64,
     file: File,
     dev: u64,
     ino: u64,
@@ -183,7 +185,7 @@ pub struct Tailer {
     /// time passed without the file being due are stale and skipped, so a round costs
     /// O(due files x log files), not a scan of every tracked file (10,000 idle files).
     schedule: BinaryHeap<Reverse<(Instant, FileKey)>>,
-    by_path: HashMap<PathBuf, FileKey>,
+    by_path: PathMap,
     by_ino: HashMap<(u64, u64), FileKey>,
     /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
     restore: HashMap<u64, Vec<(FileKey, Entry)>>,
@@ -266,7 +268,7 @@ impl Tailer {
             opts: p.opts,
             files: HashMap::new(),
             schedule: BinaryHeap::new(),
-            by_path: HashMap::new(),
+            by_path: PathMap::default(),
             by_ino: HashMap::new(),
             restore,
             next_key,
@@ -439,8 +441,20 @@ impl Tailer {
     }
 
     fn publish_lag(&mut self) {
-        self.lag
-            .sizes(self.files.values().map(|f| (f.key, f.source, f.size)));
+        // Only sizes that changed: 10,000 idle files would otherwise cost 10,000 board
+        // updates a second for nothing.
+        let changed: Vec<(FileKey, usize, u64)> = self
+            .files
+            .values_mut()
+            .filter(|f| f.lag_size != f.size)
+            .map(|f| {
+                f.lag_size = f.size;
+                (f.key, f.source, f.size)
+            })
+            .collect();
+        if !changed.is_empty() {
+            self.lag.sizes(changed);
+        }
         self.publish_gauges();
     }
 
@@ -571,7 +585,7 @@ impl Tailer {
                 // as a live file, not one being finished and released.
                 tracing::info!(path = %path.display(), "file is back at its path; following it again");
                 f.orphan = false;
-                self.by_path.insert(path.to_path_buf(), k);
+                self.by_path.insert(path.as_os_str().to_owned(), k);
             }
             return;
         }
@@ -584,7 +598,7 @@ impl Tailer {
             }
         }
         tracing::info!(from = %f.path.display(), to = %path.display(), "file renamed");
-        self.by_path.remove(&f.path);
+        self.by_path.remove(f.path.as_os_str());
         f.path = path.to_path_buf();
         f.cpath = cstring(path);
         f.orphan = false;
@@ -595,7 +609,7 @@ impl Tailer {
             f.id.event_base(),
             &self.events,
         );
-        self.by_path.insert(path.to_path_buf(), k);
+        self.by_path.insert(path.as_os_str().to_owned(), k);
         self.builder.update(FileUpdate::Rename {
             key: k,
             path: path.to_string_lossy().into_owned(),
@@ -668,6 +682,7 @@ impl Tailer {
             cpath: cstring(&path),
             next_path_check: now,
             path_checked_size: st.size,
+            lag_size: st.size,
             path: path.clone(),
             file,
             dev: st.dev,
@@ -691,7 +706,7 @@ impl Tailer {
             errors: 0,
         };
         if !orphan {
-            self.by_path.insert(path, key);
+            self.by_path.insert(path.into_os_string(), key);
         }
         self.by_ino.insert((st.dev, st.ino), key);
         self.files.insert(key, t);
@@ -1089,7 +1104,7 @@ impl Tailer {
                 tracing::info!(path = %f.path.display(), "file rotated away or deleted; finishing it");
                 self.events.rotation();
                 f.orphan = true;
-                self.by_path.remove(&f.path);
+                self.by_path.remove(f.path.as_os_str());
                 vacated.push(f.path.clone());
             }
         }
@@ -1429,8 +1444,8 @@ impl Tailer {
             let f = self.files.remove(&k).expect("present above");
             tracing::info!(path = %f.path.display(), offset = f.read_off, "released finished file");
             self.by_ino.remove(&(f.dev, f.ino));
-            if self.by_path.get(&f.path) == Some(&k) {
-                self.by_path.remove(&f.path);
+            if self.by_path.get(f.path.as_os_str()) == Some(&k) {
+                self.by_path.remove(f.path.as_os_str());
             }
             self.builder.update(FileUpdate::Release { key: k });
             self.lag.remove(k);
@@ -1448,14 +1463,15 @@ enum Op {
     Read,
 }
 
+/// Tracked files by path. Keyed by the path's bytes with xxh3: discovery asks about every
+/// file it lists on every pass (10,000 lookups each `discover_interval` for 10,000 files), and
+/// `Path`'s own hash walks the path component by component through SipHash.
+type PathMap = HashMap<std::ffi::OsString, FileKey, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
+
 /// Whether the tailer follows a live (not orphaned) file at `path`.
-fn follows(
-    files: &HashMap<FileKey, Tracked>,
-    by_path: &HashMap<PathBuf, FileKey>,
-    path: &Path,
-) -> bool {
+fn follows(files: &HashMap<FileKey, Tracked>, by_path: &PathMap, path: &Path) -> bool {
     by_path
-        .get(path)
+        .get(path.as_os_str())
         .and_then(|k| files.get(k))
         .is_some_and(|f| !f.orphan)
 }
