@@ -446,20 +446,29 @@ fn zstd_alone(tree: &Tree) -> Result<f64> {
 /// zstd level 1 alone on the NDJSON voltail wrote to `out` (1 MiB chunks, one thread): input
 /// MiB per CPU-second, i.e. `input_mib` over the time it took to compress that output.
 fn zstd_on_output(out: &Path, input_mib: f64) -> Result<(f64, f64)> {
+    use std::io::Read as _;
     let mut z = zstd::bulk::Compressor::new(1)?;
     let mut cpu = Duration::ZERO;
     let mut bytes = 0u64;
     let mut buf = Vec::with_capacity(2 << 20);
+    let mut chunk = Vec::with_capacity(1 << 20);
     for seg in crate::verify::segments(out)? {
-        let data = std::fs::read(&seg)?;
-        let t0 = thread_cpu();
-        for chunk in data.chunks(1 << 20) {
+        // 1 MiB at a time, not the whole segment: the bench's own memory stays small (a
+        // 128 MiB segment read whole was the bench's high-water mark).
+        let mut f = std::fs::File::open(&seg)?;
+        loop {
+            chunk.clear();
+            (&mut f).take(1 << 20).read_to_end(&mut chunk)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let t0 = thread_cpu();
             buf.clear();
             buf.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
-            z.compress_to_buffer(chunk, &mut buf)?;
+            z.compress_to_buffer(&chunk[..], &mut buf)?;
+            cpu += thread_cpu().saturating_sub(t0);
             bytes += chunk.len() as u64;
         }
-        cpu += thread_cpu().saturating_sub(t0);
     }
     Ok((
         input_mib / cpu.as_secs_f64().max(1e-9),

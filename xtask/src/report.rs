@@ -275,8 +275,10 @@ impl Report {
             "- **W1 bulk**: 64 files of 16 MiB of nginx access lines (180-250 bytes), read from the \
              beginning into the file sink, with zstd level 1 and without compression. MiB are input \
              log bytes; CPU is user+system time of the voltail process until it exits after draining; \
-             peak RSS is its `ru_maxrss`. `zstd-1 alone` compresses the same bytes in 1 MiB chunks \
-             on one thread, in-process: the limit of the compress stage. `http sink, zstd-1` ships \
+             peak RSS is its own high-water mark (`ru_maxrss`, or its `VmHWM` sampled until it \
+             exits when `ru_maxrss` only repeats the bench's own, which Linux folds in at `execve`). \
+             `zstd-1 alone` compresses the same bytes in 1 MiB chunks on one thread, in-process: \
+             the limit of the compress stage. `http sink, zstd-1` ships \
              the same with the `http` sink (zstd-1 bodies, `concurrency` 4) to a receiver on loopback \
              inside the bench process (its CPU is not counted), which stores the bodies; every line is \
              then decoded and checked as for the file sink.\n\

@@ -3,8 +3,9 @@
 //! [`Proc`] spawns a collector in its own process group with its output in a log file, samples
 //! its CPU time and memory from `/proc` (summed over its process tree, so a peer started through
 //! `sh -c` is measured whole), and on [`Proc::stop`] sends SIGTERM, waits for the drain, and
-//! takes the final CPU time and peak RSS from `wait4`'s rusage. [`VoltailConfig`] renders the
-//! TOML the daemon reads; [`scrape`] reads its Prometheus metrics.
+//! takes the final CPU time from `wait4`'s rusage. The peak RSS is the collector's own (see
+//! [`Exit::max_rss_kib`]): `wait4`'s `ru_maxrss` alone can be the bench's. [`VoltailConfig`]
+//! renders the TOML the daemon reads; [`scrape`] reads its Prometheus metrics.
 //!
 //! It does not decide what to measure or when: the workloads in `bench` do.
 
@@ -42,7 +43,12 @@ fn proc_cpu(pid: i32) -> Option<Duration> {
 
 /// `VmRSS` and `VmHWM` of one process, KiB.
 fn proc_mem(pid: i32) -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    proc_mem_of(&pid.to_string())
+}
+
+/// `VmRSS` and `VmHWM` of `/proc/<which>` (a pid, or `self`), KiB.
+fn proc_mem_of(which: &str) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{which}/status")).ok()?;
     let field = |name: &str| {
         s.lines()
             .find(|l| l.starts_with(name))
@@ -90,7 +96,8 @@ pub struct Exit {
     pub wall: Duration,
     /// User + system CPU of the process and the children it waited for.
     pub cpu: Duration,
-    /// Peak resident set, KiB.
+    /// Peak resident set of the collector itself, KiB: `ru_maxrss` when that is the
+    /// collector's own, else the largest `VmHWM` sampled while it ran (see `Proc::own_peak_kib`).
     pub max_rss_kib: u64,
 }
 
@@ -106,6 +113,10 @@ pub struct Proc {
     exit: Option<Exit>,
     /// Largest tree CPU time seen by [`Proc::cpu`] (a peer's children may outlive `sh`).
     last_cpu: Duration,
+    /// This process's `VmHWM` when it spawned the collector, KiB: what `ru_maxrss` starts from.
+    spawner_hwm_kib: u64,
+    /// Largest `VmHWM` of the collector's tree seen while it ran, KiB.
+    sampled_hwm_kib: u64,
 }
 
 impl Proc {
@@ -113,6 +124,7 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
         let out = File::create(log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
+        let spawner_hwm_kib = proc_mem_of("self").map_or(u64::MAX, |(_, hwm)| hwm);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -132,6 +144,8 @@ impl Proc {
             log: log.to_path_buf(),
             exit: None,
             last_cpu: Duration::ZERO,
+            spawner_hwm_kib,
+            sampled_hwm_kib: 0,
         })
     }
 
@@ -157,10 +171,41 @@ impl Proc {
         (rss, hwm)
     }
 
+    /// Peak resident set of the collector itself, KiB, from `wait4`'s `ru_maxrss` (`maxrss`)
+    /// and the `VmHWM` samples.
+    ///
+    /// `ru_maxrss` is not only the child's: on `execve` Linux folds the high-water mark of the
+    /// memory the process had before (`exec_mmap`: `setmax_mm_hiwater_rss`) into it, and
+    /// `Command::spawn` uses `posix_spawn`, whose child runs in the bench's own memory
+    /// (`CLONE_VM | CLONE_VFORK`) until it execs. So `ru_maxrss` is at least this process's
+    /// `VmHWM` at spawn: after the bench has read a 128 MiB segment it said 150 MiB for a
+    /// collector whose own peak was 57 MiB. When `ru_maxrss` is above what the bench had,
+    /// it is the collector's own peak, exactly; otherwise the largest `VmHWM` sampled while
+    /// the collector ran is (sampled every 10-20 ms until it exits, and `VmHWM` only grows).
+    fn own_peak_kib(&self, maxrss: u64) -> u64 {
+        if maxrss > self.spawner_hwm_kib || self.sampled_hwm_kib == 0 {
+            maxrss
+        } else {
+            self.sampled_hwm_kib
+        }
+    }
+
+    /// Notes the tree's `VmHWM` while the collector is still running.
+    fn sample_hwm(&mut self) {
+        let hwm = tree(self.pid)
+            .into_iter()
+            .filter_map(proc_mem)
+            .map(|(_, hwm)| hwm)
+            .max()
+            .unwrap_or(0);
+        self.sampled_hwm_kib = self.sampled_hwm_kib.max(hwm);
+    }
+
     fn wait4(&mut self, flags: i32) -> Option<Exit> {
         if let Some(e) = self.exit {
             return Some(e);
         }
+        self.sample_hwm();
         let mut status = 0;
         // SAFETY: a zeroed rusage is a valid value for the kernel to fill.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -178,7 +223,7 @@ impl Proc {
             status: ExitStatus::from_raw(status),
             wall: self.started.elapsed(),
             cpu,
-            max_rss_kib: ru.ru_maxrss as u64,
+            max_rss_kib: self.own_peak_kib(ru.ru_maxrss as u64),
         };
         self.exit = Some(e);
         Some(e)
@@ -356,6 +401,32 @@ fn parse_metrics(body: &str) -> HashMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: W1's http row said 150 MiB for a collector whose own peak was 57 MiB, because
+    /// `ru_maxrss` starts from the spawning process's high-water mark.
+    #[test]
+    fn peak_rss_is_the_collectors_not_the_benchs() -> Result<()> {
+        // Raise this process's high-water mark far above what `sleep` uses, then let it go.
+        let mut big = vec![0u8; 128 << 20];
+        for b in big.iter_mut().step_by(4096) {
+            *b = 1;
+        }
+        drop(std::hint::black_box(big));
+        let (_, hwm) = proc_mem_of("self").context("own VmHWM")?;
+        assert!(hwm > 128 << 10, "the test raised its own peak: {hwm} KiB");
+        let log = std::env::temp_dir().join(format!("xtask-peak-rss-{}.log", std::process::id()));
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let mut p = Proc::spawn("sleep", cmd, &log)?;
+        let e = p.stop(false, Duration::from_secs(10))?;
+        let _ = std::fs::remove_file(&log);
+        assert!(
+            e.max_rss_kib < 32 << 10,
+            "sleep's peak is its own few MiB, not the bench's {hwm} KiB: {} KiB",
+            e.max_rss_kib
+        );
+        Ok(())
+    }
 
     #[test]
     fn metrics_sum_over_labels() {
