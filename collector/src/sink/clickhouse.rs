@@ -39,6 +39,13 @@ use crate::config::{Compression, Dur};
 /// On ClickHouse 20.5+ `timestamp` may be `DateTime64(9)` fed from `timestamp_ns` by a
 /// `DEFAULT`, and `tags` a `Map(String, String)` via a materialized view; this form works on
 /// every version from 18.16 on.
+///
+/// No `PARTITION BY` on a time: `ReplacingMergeTree`'s background merges never cross
+/// partitions, and an event read again after a restart carries a new collection time, so with
+/// daily partitions one sent again across midnight would stay twice for every query without
+/// `FINAL`. Keep retention with `TTL timestamp + INTERVAL 30 DAY` (ClickHouse 19.6+). Tables
+/// partitioned by time for cheap `DROP PARTITION` work too, at the price of that rare
+/// duplicate outside `FINAL` queries (`LIMIT 1 BY id` hides it).
 pub const TABLE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS logs (
     timestamp DateTime,
     timestamp_ns UInt64,
@@ -49,7 +56,6 @@ pub const TABLE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS logs (
     message String,
     tags Nested(key String, value String)
 ) ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMMDD(timestamp)
 ORDER BY (source, id)";
 
 /// `[sink] type = "clickhouse"`.
