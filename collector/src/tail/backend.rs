@@ -55,6 +55,8 @@ pub struct Stat {
     pub mode: u32,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// Status change time, nanoseconds since the epoch (unlike the mtime, no call can set it).
+    pub ctime_ns: i64,
 }
 
 impl Stat {
@@ -71,6 +73,7 @@ impl Stat {
             nlink: u64::from(s.stx_nlink),
             mode: u32::from(s.stx_mode),
             mtime_ns: s.stx_mtime.tv_sec * 1_000_000_000 + i64::from(s.stx_mtime.tv_nsec),
+            ctime_ns: s.stx_ctime.tv_sec * 1_000_000_000 + i64::from(s.stx_ctime.tv_nsec),
         }
     }
 }
@@ -81,7 +84,8 @@ pub const STATX_MASK: u32 = libc::STATX_TYPE
     | libc::STATX_NLINK
     | libc::STATX_INO
     | libc::STATX_SIZE
-    | libc::STATX_MTIME;
+    | libc::STATX_MTIME
+    | libc::STATX_CTIME;
 
 /// One file's stat work in a round.
 #[derive(Debug)]

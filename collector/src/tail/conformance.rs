@@ -106,6 +106,7 @@ fn stat_matches_metadata(b: &mut dyn ReadBackend) {
             assert_eq!(s.nlink, m.nlink());
             assert_eq!(s.mode, m.mode());
             assert_eq!(s.mtime_ns, m.mtime() * 1_000_000_000 + m.mtime_nsec());
+            assert_eq!(s.ctime_ns, m.ctime() * 1_000_000_000 + m.ctime_nsec());
             assert!(s.is_file());
         }
     }

@@ -133,6 +133,13 @@ struct Tracked {
     next_path_check: Instant,
     /// The file's size when its path was last checked.
     path_checked_size: u64,
+    /// Its directory, for the stat that tells whether anything in it was renamed.
+    cdir: CString,
+    /// The directory's stamp from just before the path last named this file (`None`: unknown
+    /// or not to be trusted); while the directory shows the same stamp, the path still names it.
+    dir_stamp: Option<DirStamp>,
+    /// When a stat of the path last showed that it names this file.
+    path_verified: Instant,
     /// The size last put on the lag board.
     lag_size: u64,
     file: File,
@@ -187,6 +194,8 @@ pub struct Tailer {
     schedule: BinaryHeap<Reverse<(Instant, FileKey)>>,
     by_path: PathMap,
     by_ino: HashMap<(u64, u64), FileKey>,
+    /// Directory stamps changed this recently are not trusted ([`RACY`]; tests lower it).
+    racy: Duration,
     /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
     restore: HashMap<u64, Vec<(FileKey, Entry)>>,
     next_key: FileKey,
@@ -269,6 +278,7 @@ impl Tailer {
             files: HashMap::new(),
             schedule: BinaryHeap::new(),
             by_path: PathMap::default(),
+            racy: RACY,
             by_ino: HashMap::new(),
             restore,
             next_key,
@@ -601,6 +611,8 @@ impl Tailer {
         self.by_path.remove(f.path.as_os_str());
         f.path = path.to_path_buf();
         f.cpath = cstring(path);
+        f.cdir = cstring(path.parent().unwrap_or(path));
+        f.dir_stamp = None;
         f.orphan = false;
         f.meta = meta_for(
             &self.sources[f.source],
@@ -682,6 +694,9 @@ impl Tailer {
             cpath: cstring(&path),
             next_path_check: now,
             path_checked_size: st.size,
+            cdir: cstring(path.parent().unwrap_or(&path)),
+            dir_stamp: None,
+            path_verified: now,
             lag_size: st.size,
             path: path.clone(),
             file,
@@ -932,113 +947,118 @@ impl Tailer {
         })
     }
 
-    /// Stats of a chunk of due files: `(descriptor, path)`.
+    /// Stats of a chunk of due files: `(descriptor, path)`, the path's `Err(PENDING)` where it
+    /// was not stated.
     ///
-    /// Every file is stated once, through its descriptor: size, links, mtime. What its path
-    /// names (the rename-rotation check) is asked only where it can have changed usefully:
-    /// - a live file that stopped growing after it grew since its path was last checked (a
-    ///   writer that moved on to a new file at the path leaves the old one still), in the same
-    ///   round, as a second phase;
-    /// - any live file whose path was last checked a `discover_interval` ago (a file rotated
-    ///   while idle is noticed at discovery's pace, like a new file), in the first phase, where
-    ///   the path's stat, while it names the file, is also the file's (one call).
+    /// Every file is stated once, through its descriptor: size, links, mtime, so truncation and
+    /// deletion show at once. What its path names (the rename-rotation check, a lookup plus a
+    /// getattr on a network volume, or three round trips) is asked only where it can have
+    /// changed:
+    /// - in the round a live file stops growing after it grew since its path was last checked
+    ///   (a writer that moved on to a new file at the path leaves the old one still);
+    /// - every `discover_interval` otherwise (a file rotated while idle is noticed at
+    ///   discovery's pace, like a new file), and then only if the file's directory changed: a
+    ///   rename, creation or removal in a directory changes its mtime and ctime, so while its
+    ///   stamp is the one taken before the path last named the file, it still does. One stat
+    ///   per directory, not one path lookup per file. Stamps fresher than [`RACY`] are not
+    ///   trusted (a second change within a coarse timestamp's granule would not show), and
+    ///   paths are checked regardless every [`PATH_RECHECK_EVERY`] intervals, for filesystems
+    ///   that do not keep directory times.
     ///
-    /// So a round over idle or steadily growing files costs one call per file, not the two or
-    /// three round trips of a path lookup plus a getattr on a network volume. Truncation and
-    /// deletion show in the descriptor's stat at once. Orphans (rotated away, deleted) are
-    /// stated through their descriptor only.
+    /// Orphans (rotated away, deleted) are stated through their descriptor only.
     fn stat_chunk(
         &mut self,
         chunk: &[FileKey],
         now: Instant,
     ) -> Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> {
-        let path_due: Vec<bool> = chunk
+        let due: Vec<bool> = chunk
             .iter()
             .map(|k| {
                 let f = &self.files[k];
                 !f.orphan && now >= f.next_path_check
             })
             .collect();
-        // Phase 1: each file's descriptor, or its path where that check is due.
-        let mut results: Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> = {
+        let mut dirs: Vec<CString> = chunk
+            .iter()
+            .zip(&due)
+            .filter(|(_, &d)| d)
+            .map(|(k, _)| self.files[k].cdir.clone())
+            .collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        // Phase 1: every file's descriptor, and the directories of the files due a check.
+        let (fds, dir_stats): (Vec<StatResult>, Vec<StatResult>) = {
             let mut ops: Vec<StatOp<'_>> = chunk
                 .iter()
-                .zip(&path_due)
-                .map(|(k, &due)| {
-                    let f = &self.files[k];
-                    if due {
-                        path_op(f)
-                    } else {
-                        StatOp::new(f.file.as_raw_fd(), None)
-                    }
-                })
+                .map(|k| StatOp::new(self.files[k].file.as_raw_fd(), None))
+                .chain(dirs.iter().map(|d| StatOp::new(-1, Some(d.as_c_str()))))
                 .collect();
             self.backend.stat_batch(&mut ops);
-            ops.into_iter().map(|o| (o.fd_stat, o.path_stat)).collect()
+            let dir_ops = ops.split_off(chunk.len());
+            (
+                ops.into_iter().map(|o| o.fd_stat).collect(),
+                dir_ops.into_iter().map(|o| o.path_stat).collect(),
+            )
         };
-        let checked: Vec<usize> = (0..chunk.len()).filter(|&i| path_due[i]).collect();
-        // Phase 2: paths of files that stopped growing since they grew past their last check.
-        let stopped: Vec<usize> = (0..chunk.len())
-            .filter(|&i| {
-                let f = &self.files[&chunk[i]];
-                !path_due[i]
-                    && !f.orphan
-                    && f.size > f.path_checked_size
-                    && matches!(results[i].0, Ok(st) if st.size == f.size)
-            })
-            .collect();
-        if !stopped.is_empty() {
-            let ps: Vec<Result<Stat, Errno>> = {
-                let mut ops: Vec<StatOp<'_>> = stopped
-                    .iter()
-                    .map(|&i| path_op(&self.files[&chunk[i]]))
-                    .collect();
-                self.backend.stat_batch(&mut ops);
-                ops.into_iter().map(|o| o.path_stat).collect()
-            };
-            for (&i, ps) in stopped.iter().zip(ps) {
-                results[i].1 = ps;
-            }
-        }
-        // Where a path was stated: while it names the file, that is the file's stat; else the
-        // descriptor tells the file's own state (phase 3, when the path was due in phase 1).
-        let every = |f: &Tracked| self.sources[f.source].cfg.discover_interval.0;
-        let mut need_fd = Vec::new();
-        for &i in checked.iter().chain(&stopped) {
-            let Some(f) = self.files.get(&chunk[i]) else {
+        // Which paths to state, with the stamp their directory had before.
+        let wall = wall_ns();
+        let mut check: Vec<(usize, Option<DirStamp>)> = Vec::new();
+        let mut unchanged: Vec<usize> = Vec::new();
+        for (i, k) in chunk.iter().enumerate() {
+            let f = &self.files[k];
+            if f.orphan {
                 continue;
-            };
-            let next = now + every(f);
-            let (fs, ps) = &mut results[i];
-            let names_it = matches!(ps, Ok(p) if p.ino == f.ino && p.dev == f.dev);
-            if path_due[i] {
-                if names_it {
-                    *fs = *ps;
-                } else {
-                    need_fd.push(i);
-                }
             }
-            let size = match fs {
-                Ok(st) => st.size,
-                Err(_) => f.size,
-            };
-            if let Some(f) = self.files.get_mut(&chunk[i]) {
-                f.next_path_check = next;
-                f.path_checked_size = size;
+            if due[i] {
+                let every = self.sources[f.source].cfg.discover_interval.0;
+                let stamp = dirs
+                    .binary_search(&f.cdir)
+                    .ok()
+                    .and_then(|d| dir_stats[d].ok())
+                    .and_then(|st| DirStamp::trusted(&st, wall, self.racy));
+                let recheck = now.duration_since(f.path_verified) >= every * PATH_RECHECK_EVERY;
+                if stamp.is_some() && stamp == f.dir_stamp && !recheck {
+                    unchanged.push(i);
+                } else {
+                    check.push((i, stamp));
+                }
+            } else if f.size > f.path_checked_size && matches!(fds[i], Ok(st) if st.size == f.size)
+            {
+                check.push((i, f.dir_stamp));
             }
         }
-        if !need_fd.is_empty() {
-            let fds: Vec<Result<Stat, Errno>> = {
-                let mut ops: Vec<StatOp<'_>> = need_fd
-                    .iter()
-                    .map(|&i| StatOp::new(self.files[&chunk[i]].file.as_raw_fd(), None))
-                    .collect();
-                self.backend.stat_batch(&mut ops);
-                ops.into_iter().map(|o| o.fd_stat).collect()
-            };
-            for (i, fs) in need_fd.into_iter().zip(fds) {
-                results[i].0 = fs;
+        // Phase 2: those paths.
+        let paths: Vec<Result<Stat, Errno>> = if check.is_empty() {
+            Vec::new()
+        } else {
+            let mut ops: Vec<StatOp<'_>> = check
+                .iter()
+                .map(|&(i, _)| path_op(&self.files[&chunk[i]]))
+                .collect();
+            self.backend.stat_batch(&mut ops);
+            ops.into_iter().map(|o| o.path_stat).collect()
+        };
+        let mut results: Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> = fds
+            .into_iter()
+            .map(|fs| (fs, Err(Errno::PENDING)))
+            .collect();
+        for i in unchanged {
+            if let Some(f) = self.files.get_mut(&chunk[i]) {
+                f.next_path_check = now + self.sources[f.source].cfg.discover_interval.0;
+                f.path_checked_size = results[i].0.map_or(f.size, |st| st.size);
             }
+        }
+        for ((i, stamp), ps) in check.into_iter().zip(paths) {
+            if let Some(f) = self.files.get_mut(&chunk[i]) {
+                let names_it = matches!(ps, Ok(p) if p.ino == f.ino && p.dev == f.dev);
+                f.dir_stamp = if names_it { stamp } else { None };
+                if names_it {
+                    f.path_verified = now;
+                }
+                f.next_path_check = now + self.sources[f.source].cfg.discover_interval.0;
+                f.path_checked_size = results[i].0.map_or(f.size, |st| st.size);
+            }
+            results[i].1 = ps;
         }
         results
     }
@@ -1096,10 +1116,13 @@ impl Tailer {
         };
         f.size = st.size;
         if !f.orphan {
-            let replaced = match ps {
-                Ok(p) => p.ino != st.ino || p.dev != st.dev || st.nlink == 0,
-                Err(e) => e.0 == libc::ENOENT || e.0 == libc::ENOTDIR,
-            };
+            // Deleted (no links left), or its path names something else or nothing. A path
+            // not stated this round (`PENDING`) says nothing.
+            let replaced = st.nlink == 0
+                || match ps {
+                    Ok(p) => p.ino != st.ino || p.dev != st.dev,
+                    Err(e) => e.0 == libc::ENOENT || e.0 == libc::ENOTDIR,
+                };
             if replaced {
                 tracing::info!(path = %f.path.display(), "file rotated away or deleted; finishing it");
                 self.events.rotation();
@@ -1462,6 +1485,48 @@ enum Op {
     Stat,
     Read,
 }
+
+/// Directory stamps changed this recently (by the wall clock) are not trusted: a rename in
+/// the same timestamp granule as the stat (1 s on some NFS servers) would leave the stamp as it
+/// was. Generous, for clock skew between the collector and a file server.
+const RACY: Duration = Duration::from_secs(10);
+
+/// Paths are stated at least every this many `discover_interval`s even in a directory whose
+/// stamp did not change (filesystems that do not keep directory times).
+const PATH_RECHECK_EVERY: u32 = 12;
+
+/// What a directory's stat says of its entries: a rename, creation or removal in it changes its
+/// mtime and ctime; replacing the directory changes its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirStamp {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl DirStamp {
+    /// The stamp of directory stat `st`, unless it changed within `racy` of `wall_ns`.
+    fn trusted(st: &Stat, wall_ns: i64, racy: Duration) -> Option<DirStamp> {
+        let newest = st.mtime_ns.max(st.ctime_ns);
+        (wall_ns.saturating_sub(newest) >= racy.as_nanos() as i64).then_some(DirStamp {
+            dev: st.dev,
+            ino: st.ino,
+            mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
+        })
+    }
+}
+
+/// The wall clock in nanoseconds since the epoch (0 before it).
+fn wall_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// A stat's outcome.
+type StatResult = Result<Stat, Errno>;
 
 /// Tracked files by path. Keyed by the path's bytes with xxh3: discovery asks about every
 /// file it lists on every pass (10,000 lookups each `discover_interval` for 10,000 files), and

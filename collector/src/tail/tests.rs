@@ -49,12 +49,13 @@ fn backend(i: usize) -> Box<dyn ReadBackend> {
 }
 
 /// Counts the stat calls the tailer makes through the backend it wraps (`stats`: ops, `paths`:
-/// the ops that state a path).
+/// stats of a file's path, `dirs`: of a directory).
 #[derive(Debug)]
 struct Counting {
     inner: Box<dyn ReadBackend>,
     stats: Arc<std::sync::atomic::AtomicU64>,
     paths: Arc<std::sync::atomic::AtomicU64>,
+    dirs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ReadBackend for Counting {
@@ -64,10 +65,16 @@ impl ReadBackend for Counting {
     fn stat_batch(&mut self, ops: &mut [StatOp<'_>]) {
         self.stats
             .fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.paths.fetch_add(
-            ops.iter().filter(|o| o.path.is_some()).count() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        // The files are `*.log`; other paths stated are their directories.
+        let files = ops
+            .iter()
+            .filter(|o| o.path.is_some_and(|p| p.to_bytes().ends_with(b".log")))
+            .count();
+        let dirs = ops.iter().filter(|o| o.path.is_some()).count() - files;
+        self.paths
+            .fetch_add(files as u64, std::sync::atomic::Ordering::Relaxed);
+        self.dirs
+            .fetch_add(dirs as u64, std::sync::atomic::Ordering::Relaxed);
         self.inner.stat_batch(ops);
     }
     fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) {
@@ -79,6 +86,7 @@ struct Harness {
     root: PathBuf,
     stats: Arc<std::sync::atomic::AtomicU64>,
     paths: Arc<std::sync::atomic::AtomicU64>,
+    dirs: Arc<std::sync::atomic::AtomicU64>,
     backend: usize,
     extra: String,
     tailer: Option<Tailer>,
@@ -103,6 +111,7 @@ impl Harness {
             root: root.to_path_buf(),
             stats: Arc::default(),
             paths: Arc::default(),
+            dirs: Arc::default(),
             backend,
             extra: extra.to_string(),
             tailer: None,
@@ -142,6 +151,7 @@ impl Harness {
                 inner: backend(self.backend),
                 stats: Arc::clone(&self.stats),
                 paths: Arc::clone(&self.paths),
+                dirs: Arc::clone(&self.dirs),
             }),
             builder: BatchBuilder::new(
                 BatchLimits {
@@ -348,9 +358,14 @@ fn idle_files_are_stated_once_per_interval_and_not_between() {
     }
     // Backs off to 8 s: 1, 2, 4, 8.
     let mut h = Harness::new(d.path(), "max_poll_interval = \"8s\"");
+    h.tailer.as_mut().expect("t").racy = Duration::ZERO;
     h.step(true);
     assert_eq!(h.messages().len(), 50);
-    let count = |h: &Harness| h.stats.load(std::sync::atomic::Ordering::Relaxed);
+    // File stats (the directories' stats of the rename check are another test's subject).
+    let count = |h: &Harness| {
+        h.stats.load(std::sync::atomic::Ordering::Relaxed)
+            - h.dirs.load(std::sync::atomic::Ordering::Relaxed)
+    };
     // Let every file reach the 8 s interval, then count 16 s of steps.
     for _ in 0..20 {
         h.step(true);
@@ -380,16 +395,19 @@ fn idle_files_are_stated_once_per_interval_and_not_between() {
     );
 }
 
-/// A round states each file once, through its descriptor; paths (the rename-rotation check,
-/// two or three round trips on a network volume) only every `discover_interval` or when a
-/// file stops growing, which is when a writer has moved on to a new file at the path.
+/// A round states each file once, through its descriptor. Paths (the rename-rotation check,
+/// two or three round trips on a network volume) are stated when a file stops growing, which
+/// is when a writer has moved on to a new file at the path, and every `discover_interval`
+/// only if the file's directory changed since (one stat per directory).
 #[test]
-fn paths_are_checked_when_a_file_stops_growing_or_every_discover_interval() {
+fn paths_are_checked_when_a_file_stops_growing_or_its_directory_changed() {
     let d = tempfile::tempdir().expect("tmp");
     for i in 0..10 {
         append(&d.path().join(format!("pod{i}/app.log")), "line\n");
     }
     let mut h = Harness::new(d.path(), "discover_interval = \"5s\"\n");
+    // The directories were made just now: trust their stamps at once here.
+    h.tailer.as_mut().expect("t").racy = Duration::ZERO;
     h.step(true);
     assert_eq!(h.messages().len(), 10);
     let load = |c: &Arc<std::sync::atomic::AtomicU64>| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -397,15 +415,32 @@ fn paths_are_checked_when_a_file_stops_growing_or_every_discover_interval() {
         h.step(true);
     }
     // Idle, polled every second (max_poll_interval 1 s here) for 20 s.
-    let (stats, paths) = (load(&h.stats), load(&h.paths));
+    let (stats, paths, dirs) = (load(&h.stats), load(&h.paths), load(&h.dirs));
     for _ in 0..20 {
         h.step(true);
     }
-    let (stats, paths) = (load(&h.stats) - stats, load(&h.paths) - paths);
-    assert_eq!(stats, 10 * 20, "one stat per file and round");
+    let (stats, paths, dirs) = (
+        load(&h.stats) - stats,
+        load(&h.paths) - paths,
+        load(&h.dirs) - dirs,
+    );
+    assert_eq!(stats - dirs, 10 * 20, "one stat per file and round");
+    assert_eq!(paths, 0, "no path stated while its directory is unchanged");
     assert!(
-        (10 * 4..=10 * 5).contains(&paths),
-        "{paths} path stats: each path every 5 s, not every round"
+        (10 * 4..=10 * 5).contains(&dirs),
+        "{dirs} directory stats: each directory every 5 s"
+    );
+    // A file rotated while idle: its directory changed, so its path is stated at the next
+    // check, within discover_interval.
+    let idle = d.path().join("pod1/app.log");
+    std::fs::rename(&idle, d.path().join("pod1/app.log.1")).expect("rotate");
+    append(&idle, "idle rotated\n");
+    for _ in 0..6 {
+        h.step(true);
+    }
+    assert_eq!(
+        h.messages().last().map(String::as_str),
+        Some("idle rotated")
     );
     // A growing file is read through its descriptor; the round after it stops growing, its
     // path is checked, so a rotation shows at once though the last check was just now.
@@ -424,7 +459,7 @@ fn paths_are_checked_when_a_file_stops_growing_or_every_discover_interval() {
         Some("after rotation"),
         "{m:?}"
     );
-    assert_eq!(m.len(), 14);
+    assert_eq!(m.len(), 15);
 }
 
 #[test]
@@ -835,4 +870,32 @@ fn file_back_at_its_path_is_followed_again_not_finished() {
         vec!["b1 first line of the pod", "b2", "b3", "b4"]
     );
     assert_eq!(h.tailer.as_ref().expect("t").tracked(), 1);
+}
+
+#[test]
+fn directory_stamps_changed_within_the_racy_window_are_not_trusted() {
+    let st = Stat {
+        dev: 1,
+        ino: 2,
+        mtime_ns: 100_000_000_000,
+        ctime_ns: 105_000_000_000,
+        ..Stat::default()
+    };
+    let racy = Duration::from_secs(10);
+    // The newer of mtime and ctime counts: 105 s; trusted from 115 s on.
+    assert_eq!(super::DirStamp::trusted(&st, 114_000_000_000, racy), None);
+    let s = super::DirStamp::trusted(&st, 115_000_000_000, racy).expect("trusted");
+    let renamed = Stat {
+        ctime_ns: 106_000_000_000,
+        ..st
+    };
+    assert_ne!(
+        Some(s),
+        super::DirStamp::trusted(&renamed, 200_000_000_000, racy)
+    );
+    let replaced = Stat { ino: 3, ..st };
+    assert_ne!(
+        Some(s),
+        super::DirStamp::trusted(&replaced, 200_000_000_000, racy)
+    );
 }
