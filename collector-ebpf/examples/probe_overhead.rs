@@ -204,10 +204,10 @@ fn overhead_phase(file: &Path, phase: Duration, probe: Option<Setup>) -> Result<
 
 fn latency(file: &Path, dev: u64, ino: u64, gap: Duration) -> Result<()> {
     const N: usize = 1000;
+    // The default attachment, as the daemon loads it.
     let mut probe = Probe::load(&ProbeOptions {
         devices: vec![dev],
         ignore_pid: 0,
-        attach: Attach::Tracepoints,
         ..ProbeOptions::default()
     })?;
     let (tx, rx) = mpsc::channel::<Instant>();
