@@ -129,9 +129,10 @@ struct {
 
 /*
  * The file behind `fd` of the current task, when it is a regular file on a watched device
- * and the task is not the collector. Fills `out` and returns 1, else returns 0.
+ * and the task is not the collector. Fills `out` and returns 1, else returns 0. `btf`: called
+ * from a tp_btf program (a constant, so each program keeps one branch).
  */
-static __always_inline int watched_file(unsigned long fd, struct pending *out)
+static __always_inline int watched_file(unsigned long fd, struct pending *out, const bool btf)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
@@ -141,14 +142,26 @@ static __always_inline int watched_file(unsigned long fd, struct pending *out)
 	if (cfg && cfg->ignore_tgid == tgid)
 		return 0;
 
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt)
-		return 0;
-	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
-	if (fd >= max_fds)
-		return 0;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct fdtable *fdt;
+	if (btf) {
+		/*
+		 * tp_btf programs may load through BTF pointers directly (a fault reads as
+		 * zero): four bpf_probe_read_kernel calls fewer per write than the chain below,
+		 * which the classic tracepoints need.
+		 */
+		struct files_struct *files = bpf_get_current_task_btf()->files;
+		if (!files)
+			return 0;
+		fdt = files->fdt;
+		if (!fdt || fd >= fdt->max_fds)
+			return 0;
+	} else {
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+		fdt = BPF_CORE_READ(task, files, fdt);
+		if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+			return 0;
+	}
+	struct file **fds = btf ? fdt->fd : BPF_CORE_READ(fdt, fd);
 	struct file *file = NULL;
 	if (bpf_core_read(&file, sizeof(file), &fds[fd]) || !file)
 		return 0;
@@ -208,10 +221,10 @@ static __always_inline int emit(struct pending *file, long ret)
 	return 0;
 }
 
-static __always_inline int on_enter(unsigned long fd)
+static __always_inline int on_enter(unsigned long fd, const bool btf)
 {
 	struct pending file = {};
-	if (!watched_file(fd, &file))
+	if (!watched_file(fd, &file, btf))
 		return 0;
 	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0,
 						 BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -238,25 +251,25 @@ static __always_inline int on_exit(long ret)
 SEC("tracepoint/syscalls/sys_enter_write")
 int voltail_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
 int voltail_enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_pwrite64")
 int voltail_enter_pwrite64(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_pwritev")
 int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 /*
@@ -267,7 +280,7 @@ int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_pwritev2")
 int voltail_enter_pwritev2(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_exit_write")
@@ -351,7 +364,7 @@ int voltail_btf_exit_only(__u64 *ctx)
 	if (!is_write(REGS_NR(regs)))
 		return 0;
 	struct pending file = {};
-	if (!watched_file(REGS_FD(regs), &file))
+	if (!watched_file(REGS_FD(regs), &file, true))
 		return 0;
 	return emit(&file, ret);
 }
@@ -370,7 +383,7 @@ int voltail_btf_enter(__u64 *ctx)
 	if (!is_write((long)ctx[1]))
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx[0];
-	return on_enter(BPF_CORE_READ(regs, di));
+	return on_enter(BPF_CORE_READ(regs, di), true);
 }
 
 SEC("tp_btf/sys_exit")
