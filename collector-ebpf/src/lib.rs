@@ -2,16 +2,17 @@
 //! node wrote to a file on one of the watched filesystems.
 //!
 //! The kernel half is `src/probe.bpf.c` (CO-RE C, compiled by `build.rs` with clang and embedded
-//! here). It hooks the syscall tracepoints of `write`, `writev`, `pwrite64`, `pwritev` and
-//! `pwritev2`, keeps only regular files on watched devices, skips the collector's own process,
-//! and sends a [`WriteEvent`] per successful call through a ring buffer, except that a write to a
-//! file that already has an unread event from the same process (and CPU) is folded into it.
+//! here). It sees the `write`, `writev`, `pwrite64`, `pwritev` and `pwritev2` syscalls (one
+//! `tp_btf` program at the raw `sys_exit` tracepoint, or the per-syscall tracepoints), keeps
+//! only regular files on watched devices, skips the collector's own process, and sends a
+//! [`WriteEvent`] per successful call through a ring buffer, except that a write to a file that
+//! already has an unread event from the same process (and CPU) is folded into it.
 //!
-//! The user half is [`Probe`]: [`Probe::load`] loads and attaches the object (mounting tracefs if
-//! needed, else falling back to `tp_btf`), [`Probe::poll`] waits on the ring buffer and drains it,
-//! [`Probe::set_devices`] changes the watched devices, [`Probe::lost`] counts events the kernel
-//! dropped because the ring buffer was full. [`dev`] converts between the kernel's `dev_t` and
-//! the `st_dev` that `stat` shows.
+//! The user half is [`Probe`]: [`Probe::load`] loads and attaches the object (`tp_btf`, else the
+//! syscall tracepoints, mounting tracefs if needed), [`Probe::poll`] waits on the ring buffer and
+//! drains it, [`Probe::set_devices`] changes the watched devices, [`Probe::lost`] counts events
+//! the kernel dropped because the ring buffer was full. [`dev`] converts between the kernel's
+//! `dev_t` and the `st_dev` that `stat` shows.
 //!
 //! What it deliberately does not do: decide what to read (the daemon turns events into tail
 //! hints), or see writes that bypass those syscalls (mmap, io_uring, splice, other nodes). See
@@ -51,13 +52,17 @@ pub struct WriteEvent {
 /// How to attach the programs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Attach {
-    /// Syscall tracepoints, mounting tracefs if it is not mounted; `tp_btf` when that fails.
+    /// [`Attach::SysExit`]; the syscall tracepoints (mounting tracefs if it is not mounted) when
+    /// that fails.
     #[default]
     Auto,
     /// Only the syscall tracepoints (`syscalls/sys_{enter,exit}_*`).
     Tracepoints,
     /// Only the `tp_btf` `sys_enter`/`sys_exit` raw tracepoints (x86_64).
     TpBtf,
+    /// One `tp_btf` program on the raw `sys_exit` tracepoint, doing all the work at exit
+    /// (x86_64 and arm64).
+    SysExit,
 }
 
 /// Default of [`ProbeOptions::batch_window`].
@@ -114,8 +119,8 @@ pub enum ProbeError {
         #[source]
         source: std::io::Error,
     },
-    /// Neither tracefs (for the syscall tracepoints) nor the `tp_btf` fallback is usable.
-    #[error("no tracefs and no tp_btf fallback: {0}")]
+    /// Neither the `tp_btf` program nor tracefs (for the syscall tracepoints) is usable.
+    #[error("no tp_btf and no tracefs: {0}")]
     NoTracefs(String),
     /// The object or one of its programs failed to load (the verifier log is in the source).
     #[error("loading the eBPF {what} failed")]

@@ -1,9 +1,10 @@
 //! Loads the embedded BPF object with aya, attaches it, and drains its ring buffer.
 //!
-//! Attachment prefers the per-syscall tracepoints, which fire only for the four write calls; they
-//! are looked up through tracefs, which this mounts on `/sys/kernel/tracing` when it is missing
-//! (the collector runs privileged). When that cannot work it falls back to the `tp_btf`
-//! `sys_enter`/`sys_exit` raw tracepoints, which need only BTF but run for every syscall.
+//! Attachment prefers one `tp_btf` program on the raw `sys_exit` tracepoint, which does all the
+//! work at exit and needs only BTF (the cheapest per write, measured). When that cannot load it
+//! falls back to the per-syscall tracepoints (an enter and an exit program per write call), looked
+//! up through tracefs, which this mounts on `/sys/kernel/tracing` when it is missing (the
+//! collector runs privileged). The `tp_btf` enter+exit pair is kept for measurement and tests.
 //! It does not interpret events beyond converting `dev`; that is the daemon's job.
 
 use std::collections::BTreeSet;
@@ -49,7 +50,10 @@ const TRACEPOINTS: [(&str, &str); 10] = [
     ("voltail_enter_pwritev2", "sys_enter_pwritev2"),
 ];
 
-/// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint.
+/// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint, for [`Attach::SysExit`].
+const BTF_EXIT_ONLY: [(&str, &str); 1] = [("voltail_btf_exit_only", "sys_exit")];
+
+/// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint, for [`Attach::TpBtf`].
 /// Exit first, as for [`TRACEPOINTS`].
 const BTF_TRACEPOINTS: [(&str, &str); 2] = [
     ("voltail_btf_exit", "sys_exit"),
@@ -182,29 +186,37 @@ impl Loaded {
                 self.attach_tracepoints()?;
                 Ok(Attach::Tracepoints)
             }
-            Attach::TpBtf => {
-                self.attach_tp_btf().map_err(|e| match e {
+            Attach::TpBtf | Attach::SysExit => {
+                let programs: &[(&'static str, &str)] = if mode == Attach::TpBtf {
+                    &BTF_TRACEPOINTS
+                } else {
+                    &BTF_EXIT_ONLY
+                };
+                self.attach_tp_btf(programs).map_err(|e| match e {
                     BtfFallback::Unavailable(why) => ProbeError::NoTracefs(why),
                     BtfFallback::Failed(e) => e,
                 })?;
-                Ok(Attach::TpBtf)
+                Ok(mode)
             }
-            Attach::Auto => match ensure_tracefs() {
-                Ok(()) => {
-                    self.attach_tracepoints()?;
-                    Ok(Attach::Tracepoints)
+            // The exit-only program first: the cheapest per write (see README.md, *Cost*) and
+            // it needs no tracefs. The syscall tracepoints where it cannot load (a kernel
+            // whose raw tracepoints or pt_regs BTF differ, an architecture without it).
+            Attach::Auto => match self.attach_tp_btf(&BTF_EXIT_ONLY) {
+                Ok(()) => Ok(Attach::SysExit),
+                Err(btf) => {
+                    let btf = match btf {
+                        BtfFallback::Unavailable(why) => why,
+                        BtfFallback::Failed(e) => error_chain(&e),
+                    };
+                    match ensure_tracefs() {
+                        Ok(()) => {
+                            self.attach_tracepoints()?;
+                            tracing::info!(reason = %btf, "probe attached through the syscall tracepoints: tp_btf failed");
+                            Ok(Attach::Tracepoints)
+                        }
+                        Err(tracefs) => Err(ProbeError::NoTracefs(format!("{btf}; {tracefs}"))),
+                    }
                 }
-                Err(tracefs) => match self.attach_tp_btf() {
-                    Ok(()) => {
-                        tracing::info!(reason = %tracefs, "probe attached through tp_btf: no tracefs");
-                        Ok(Attach::TpBtf)
-                    }
-                    Err(BtfFallback::Unavailable(why))
-                    | Err(BtfFallback::Failed(ProbeError::NoTracefs(why))) => {
-                        Err(ProbeError::NoTracefs(format!("{tracefs}; {why}")))
-                    }
-                    Err(BtfFallback::Failed(e)) => Err(e),
-                },
             },
         }
     }
@@ -224,15 +236,18 @@ impl Loaded {
         Ok(())
     }
 
-    fn attach_tp_btf(&mut self) -> Result<(), BtfFallback> {
-        if self.ebpf.program("voltail_btf_enter").is_none() {
+    fn attach_tp_btf(&mut self, programs: &[(&'static str, &str)]) -> Result<(), BtfFallback> {
+        if programs
+            .iter()
+            .any(|(program, _)| self.ebpf.program(program).is_none())
+        {
             return Err(BtfFallback::Unavailable(
-                "the tp_btf fallback exists only on x86_64".to_string(),
+                "the tp_btf programs exist only on x86_64 and arm64".to_string(),
             ));
         }
         let btf = Btf::from_sys_fs()
             .map_err(|e| BtfFallback::Unavailable(format!("reading kernel BTF failed: {e}")))?;
-        for (program, tracepoint) in BTF_TRACEPOINTS {
+        for &(program, tracepoint) in programs {
             let prog: &mut BtfTracePoint = self
                 .ebpf
                 .program_mut(program)
@@ -442,6 +457,18 @@ fn mount_tracefs() -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The error and its sources, `: `-joined (the verifier log is in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn load_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> ProbeError {

@@ -127,7 +127,12 @@ struct {
 	__type(value, __u64);
 } lost SEC(".maps");
 
-static __always_inline int on_enter(unsigned long fd)
+/*
+ * The file behind `fd` of the current task, when it is a regular file on a watched device
+ * and the task is not the collector. Fills `out` and returns 1, else returns 0. `btf`: called
+ * from a tp_btf program (a constant, so each program keeps one branch).
+ */
+static __always_inline int watched_file(unsigned long fd, struct pending *out, const bool btf)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
@@ -137,14 +142,26 @@ static __always_inline int on_enter(unsigned long fd)
 	if (cfg && cfg->ignore_tgid == tgid)
 		return 0;
 
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt)
-		return 0;
-	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
-	if (fd >= max_fds)
-		return 0;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct fdtable *fdt;
+	if (btf) {
+		/*
+		 * tp_btf programs may load through BTF pointers directly (a fault reads as
+		 * zero): four bpf_probe_read_kernel calls fewer per write than the chain below,
+		 * which the classic tracepoints need.
+		 */
+		struct files_struct *files = bpf_get_current_task_btf()->files;
+		if (!files)
+			return 0;
+		fdt = files->fdt;
+		if (!fdt || fd >= fdt->max_fds)
+			return 0;
+	} else {
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+		fdt = BPF_CORE_READ(task, files, fdt);
+		if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+			return 0;
+	}
+	struct file **fds = btf ? fdt->fd : BPF_CORE_READ(fdt, fd);
 	struct file *file = NULL;
 	if (bpf_core_read(&file, sizeof(file), &fds[fd]) || !file)
 		return 0;
@@ -157,32 +174,20 @@ static __always_inline int on_enter(unsigned long fd)
 	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
 	if (!bpf_map_lookup_elem(&watched_devs, &dev))
 		return 0;
-
-	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0,
-						 BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!p)
-		return 0;
-	p->dev = dev;
-	p->ino = BPF_CORE_READ(inode, i_ino);
-	p->valid = 1;
-	return 0;
+	out->dev = dev;
+	out->ino = BPF_CORE_READ(inode, i_ino);
+	out->valid = 1;
+	return 1;
 }
 
-static __always_inline int on_exit(long ret)
+/* Sends the event for a write of `ret` > 0 bytes to `file`, or folds it into an unread one. */
+static __always_inline int emit(struct pending *file, long ret)
 {
-	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0, 0);
-	if (!p || !p->valid)
-		return 0;
-	struct pending file = *p;
-	p->valid = 0;
-	if (ret <= 0)
-		return 0;
-
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 zero = 0;
 	__u32 tgid = pid_tgid >> 32;
 	struct last_emit *last = bpf_map_lookup_elem(&last_emit, &zero);
-	if (last && last->valid && last->dev == file.dev && last->ino == file.ino &&
+	if (last && last->valid && last->dev == file->dev && last->ino == file->ino &&
 	    last->tgid == tgid &&
 	    bpf_ringbuf_query(&events, BPF_RB_CONS_POS) <= last->pos) {
 		__u64 *n = bpf_map_lookup_elem(&coalesced, &zero);
@@ -200,14 +205,14 @@ static __always_inline int on_exit(long ret)
 		return 0;
 	}
 	if (last) {
-		last->dev = file.dev;
-		last->ino = file.ino;
+		last->dev = file->dev;
+		last->ino = file->ino;
 		last->pos = pos;
 		last->tgid = tgid;
 		last->valid = 1;
 	}
-	e->dev = file.dev;
-	e->ino = file.ino;
+	e->dev = file->dev;
+	e->ino = file->ino;
 	e->bytes = ret;
 	e->pid = tgid;
 	e->_pad = 0;
@@ -216,30 +221,55 @@ static __always_inline int on_exit(long ret)
 	return 0;
 }
 
+static __always_inline int on_enter(unsigned long fd, const bool btf)
+{
+	struct pending file = {};
+	if (!watched_file(fd, &file, btf))
+		return 0;
+	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p)
+		return 0;
+	*p = file;
+	return 0;
+}
+
+static __always_inline int on_exit(long ret)
+{
+	struct pending *p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), 0, 0);
+	if (!p || !p->valid)
+		return 0;
+	struct pending file = *p;
+	p->valid = 0;
+	if (ret <= 0)
+		return 0;
+	return emit(&file, ret);
+}
+
 /* Classic syscall tracepoints: one program per syscall and direction. */
 
 SEC("tracepoint/syscalls/sys_enter_write")
 int voltail_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
 int voltail_enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_pwrite64")
 int voltail_enter_pwrite64(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_pwritev")
 int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 /*
@@ -250,7 +280,7 @@ int voltail_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_pwritev2")
 int voltail_enter_pwritev2(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->args[0]);
+	return on_enter(ctx->args[0], false);
 }
 
 SEC("tracepoint/syscalls/sys_exit_write")
@@ -283,29 +313,77 @@ int voltail_exit_pwritev2(struct trace_event_raw_sys_exit *ctx)
 	return on_exit(ctx->ret);
 }
 
+/*
+ * Syscall numbers (a stable ABI per architecture), and where the raw tracepoints' pt_regs keep
+ * the syscall number and the first argument. At sys_exit the first argument register may
+ * already hold the return value (arm64's x0), so the fd comes from the copy the kernel saves
+ * for syscall restart and tracing: orig_x0 on arm64; x86_64 never overwrites di.
+ */
 #if defined(__TARGET_ARCH_x86)
-/* x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl, a stable ABI). */
+/* arch/x86/entry/syscalls/syscall_64.tbl */
 #define NR_write 1
 #define NR_pwrite64 18
 #define NR_writev 20
 #define NR_pwritev 296
 #define NR_pwritev2 328
+#define REGS_NR(regs) ((long)(regs)->orig_ax)
+#define REGS_FD(regs) ((regs)->di)
+#elif defined(__TARGET_ARCH_arm64)
+/* include/uapi/asm-generic/unistd.h */
+#define NR_write 64
+#define NR_writev 66
+#define NR_pwrite64 68
+#define NR_pwritev 70
+#define NR_pwritev2 287
+#define REGS_NR(regs) ((long)(regs)->syscallno)
+#define REGS_FD(regs) ((regs)->orig_x0)
+#endif
+
+#ifdef NR_write
+static __always_inline int is_write(long id)
+{
+	return id == NR_write || id == NR_writev || id == NR_pwrite64 || id == NR_pwritev ||
+	       id == NR_pwritev2;
+}
 
 /*
- * tp_btf fallback: raw sys_enter(struct pt_regs *regs, long id) and
- * sys_exit(struct pt_regs *regs, long ret). They run for every syscall, so the
- * syscall number is checked first; the exit needs no number because the
- * pending map holds an entry only while one of ours is in flight.
+ * tp_btf sys_exit(struct pt_regs *regs, long ret) alone: the default attachment. One program
+ * per syscall instead of an enter and an exit per write, and no per-thread state: at exit the
+ * call's result is known, so failed writes cost nothing more, and the fd is still in the saved
+ * registers. It runs for every syscall, so the cheap checks come first. (The fd is resolved
+ * after the write, so a concurrent close + reopen of that fd number by another thread could
+ * name another file: the event is a hint, and such a hint costs one needless read.)
+ */
+SEC("tp_btf/sys_exit")
+int voltail_btf_exit_only(__u64 *ctx)
+{
+	long ret = (long)ctx[1];
+	if (ret <= 0)
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)ctx[0];
+	if (!is_write(REGS_NR(regs)))
+		return 0;
+	struct pending file = {};
+	if (!watched_file(REGS_FD(regs), &file, true))
+		return 0;
+	return emit(&file, ret);
+}
+#endif
+
+#if defined(__TARGET_ARCH_x86)
+/*
+ * tp_btf enter + exit: raw sys_enter(struct pt_regs *regs, long id) and
+ * sys_exit(struct pt_regs *regs, long ret), kept for the measurement against the exit-only
+ * program. The exit needs no number because the pending map holds an entry only while one of
+ * ours is in flight.
  */
 SEC("tp_btf/sys_enter")
 int voltail_btf_enter(__u64 *ctx)
 {
-	long id = (long)ctx[1];
-	if (id != NR_write && id != NR_writev && id != NR_pwrite64 && id != NR_pwritev &&
-	    id != NR_pwritev2)
+	if (!is_write((long)ctx[1]))
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx[0];
-	return on_enter(BPF_CORE_READ(regs, di));
+	return on_enter(BPF_CORE_READ(regs, di), true);
 }
 
 SEC("tp_btf/sys_exit")

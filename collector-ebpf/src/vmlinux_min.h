@@ -107,15 +107,16 @@ struct task_struct {
 	struct files_struct *files;
 } __attribute__((preserve_access_index));
 
+/* Registers of the raw sys_enter/sys_exit tracepoints (the tp_btf programs). */
 #if defined(__TARGET_ARCH_x86)
-/* Registers of the raw sys_enter/sys_exit tracepoints (the tp_btf fallback). */
 struct pt_regs {
 	unsigned long di;
-	unsigned long si;
-	unsigned long dx;
-	unsigned long r10;
 	unsigned long orig_ax;
-	unsigned long ax;
+} __attribute__((preserve_access_index));
+#elif defined(__TARGET_ARCH_arm64)
+struct pt_regs {
+	__u64 orig_x0;
+	__s32 syscallno;
 } __attribute__((preserve_access_index));
 #endif
 

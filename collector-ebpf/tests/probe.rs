@@ -223,6 +223,8 @@ fn write_by_child_is_reported_with_dev_ino_bytes_pid() {
     );
 }
 
+/// Every write call, through every attachment: the default exit-only `tp_btf` program reads the
+/// fd from the saved registers, the syscall tracepoints and the `tp_btf` pair from the arguments.
 #[test]
 fn pwrite_writev_pwritev_and_pwritev2_are_reported() {
     if can_test("pwrite_writev_pwritev_and_pwritev2_are_reported").is_none() {
@@ -231,33 +233,41 @@ fn pwrite_writev_pwritev_and_pwritev2_are_reported() {
     let dir = temp_dir();
     let file = new_file(dir.path(), "vec.log");
     let dev = std::fs::metadata(dir.path()).expect("stat dir").dev();
-    let mut probe = load(vec![dev], Attach::Auto);
+    let mut attachments = vec![Attach::Auto, Attach::Tracepoints];
+    if cfg!(target_arch = "x86_64") {
+        attachments.push(Attach::TpBtf);
+    }
+    for attach in attachments {
+        let mut probe = load(vec![dev], attach);
+        if attach == Attach::Auto {
+            assert_eq!(probe.attach_kind(), Attach::SysExit, "the default");
+        }
+        let pid = run_child("pwrite", &file);
+        expect_event(&mut probe, &file, 7, pid);
+        let pid = run_child("writev", &file);
+        expect_event(&mut probe, &file, 5, pid);
+        let pid = run_child("pwritev", &file);
+        expect_event(&mut probe, &file, 4, pid);
+        let pid = run_child("pwritev2", &file);
+        expect_event(&mut probe, &file, 2, pid);
 
-    let pid = run_child("pwrite", &file);
-    expect_event(&mut probe, &file, 7, pid);
-    let pid = run_child("writev", &file);
-    expect_event(&mut probe, &file, 5, pid);
-    let pid = run_child("pwritev", &file);
-    expect_event(&mut probe, &file, 4, pid);
-    let pid = run_child("pwritev2", &file);
-    expect_event(&mut probe, &file, 2, pid);
-
-    // dd with seek= and conv=notrunc, as an operator would patch a file in place.
-    let mut dd = Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            "bs=6",
-            "count=1",
-            "seek=2",
-            "conv=notrunc",
-            "status=none",
-        ])
-        .arg(format!("of={}", file.display()))
-        .spawn()
-        .expect("spawn dd");
-    let pid = dd.id();
-    assert!(dd.wait().expect("wait dd").success());
-    expect_event(&mut probe, &file, 6, pid);
+        // dd with seek= and conv=notrunc, as an operator would patch a file in place.
+        let mut dd = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                "bs=6",
+                "count=1",
+                "seek=2",
+                "conv=notrunc",
+                "status=none",
+            ])
+            .arg(format!("of={}", file.display()))
+            .spawn()
+            .expect("spawn dd");
+        let pid = dd.id();
+        assert!(dd.wait().expect("wait dd").success());
+        expect_event(&mut probe, &file, 6, pid);
+    }
 }
 
 #[test]

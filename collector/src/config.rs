@@ -145,6 +145,10 @@ pub struct Config {
     /// Safety poll interval while the probe runs (it sees only local writers).
     #[serde(default = "defaults::probe_poll_interval")]
     pub probe_poll_interval: Dur,
+    /// Tag each file's events with the cgroup (`writer_cgroup`) and container id
+    /// (`container_id`) of the process on this node that last wrote it, as the probe saw it.
+    #[serde(default)]
+    pub probe_writer_tags: bool,
     /// This replica's share of the pod directories, `"<ordinal>/<count>"`; absent means all.
     #[serde(default)]
     pub shard: Option<Spanned<String>>,
@@ -538,6 +542,14 @@ impl Config {
             },
             message: message.to_string(),
         };
+        if self.probe_writer_tags && self.probe == ProbeMode::Off {
+            return Err(at(
+                "",
+                0,
+                "probe_writer_tags",
+                "needs the probe: probe = \"auto\" or \"on\"",
+            ));
+        }
         if self.checkpoint_interval.0.is_zero() {
             return Err(at("", 0, "checkpoint_interval", "must be above zero"));
         }
@@ -816,6 +828,23 @@ path = "/tmp/out"
             .to_string();
         assert!(
             e.contains("line 10") && e.contains("invalid duration"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn writer_tags_need_the_probe() {
+        assert!(
+            !parse(GOOD).expect("good").probe_writer_tags,
+            "off by default"
+        );
+        let on = GOOD.replace("[metrics]", "probe_writer_tags = true\n[metrics]");
+        assert!(parse(&on).expect("auto probe").probe_writer_tags);
+        let e = parse(&on.replace("data_dir", "probe = \"off\"\ndata_dir"))
+            .expect_err("tags without the probe")
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:4: probe_writer_tags: needs the probe"),
             "{e}"
         );
     }

@@ -192,7 +192,13 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         .collect();
     devices.sort_unstable();
     devices.dedup();
-    let probe = crate::probe::spawn(cfg.probe, devices, hint_tx, Arc::clone(&ctx.stop))?;
+    let probe = crate::probe::spawn(
+        cfg.probe,
+        devices,
+        cfg.probe_writer_tags,
+        hint_tx,
+        Arc::clone(&ctx.stop),
+    )?;
     if probe.is_some() {
         tracing::info!(safety_poll = %humantime::format_duration(cfg.probe_poll_interval.0),
             "eBPF write probe active: local writes are read at once, polling slows down");

@@ -3,7 +3,8 @@
 //! The path of a line, left to right through the modules:
 //! [`discovery`] finds files by glob -> [`identity`] says who each file is -> [`tail`] polls and
 //! reads them through a [`tail::backend::ReadBackend`] -> [`framing`] cuts lines and multiline
-//! events -> [`tags`] names them from the path -> [`batch`] encodes and compresses ->
+//! events -> [`tags`] names them from the path (and from the writer's cgroup, which [`probe`]
+//! sees and [`cgroup`] resolves) -> [`batch`] encodes and compresses ->
 //! [`sink`] delivers -> [`uploader`] turns acknowledgements into the [`checkpoint`].
 //! [`daemon`] wires the threads and queues; [`lock`] keeps one owner per `data_dir`;
 //! [`metrics`] is the events interface and the Prometheus endpoint; [`lag`] joins what is read
@@ -11,6 +12,7 @@
 //! [`generate`] writes demo load.
 
 pub mod batch;
+pub mod cgroup;
 pub mod checkpoint;
 pub mod config;
 pub mod daemon;

@@ -9,8 +9,12 @@
 //! discovers an unknown inode's directory), or wait when the tailer is busy: a full hint channel
 //! drops the hint, because the safety poll catches up anyway. Within one drained batch it sends
 //! one hint per file, so a writer doing many small writes does not flood the channel.
+//!
+//! With writer tags on (`probe_writer_tags`), each hint also names the file's last writer in
+//! that batch: its cgroup id resolved to a path by [`crate::cgroup::CgroupPaths`] (cached, on
+//! this thread, so a walk of the cgroup tree never stalls the reader).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -19,6 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use voltail_ebpf::{Attach, Probe, ProbeOptions};
 
+use crate::cgroup::CgroupPaths;
 use crate::config::ProbeMode;
 use crate::tail::Hint;
 
@@ -77,12 +82,15 @@ impl Drop for ProbeHandle {
 
 /// Starts the probe for the watched `devices` (`st_dev` values of the watched mounts).
 ///
+/// With `writer_tags`, hints carry the writer's cgroup (see the module docs).
+///
 /// `Off` returns `Ok(None)` without trying. `Auto` returns `Ok(None)` with one `warn` line naming
 /// why when the probe cannot run. `On` returns that error, which fails start-up. The drain thread
 /// runs until `stop` is set or [`ProbeHandle::stop`] is called.
 pub fn spawn(
     mode: ProbeMode,
     devices: Vec<u64>,
+    writer_tags: bool,
     hints: Sender<Hint>,
     stop: Arc<AtomicBool>,
 ) -> Result<Option<ProbeHandle>, ProbeError> {
@@ -102,7 +110,10 @@ pub fn spawn(
         let (devices_tx, devices_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("voltail-probe".to_string())
-            .spawn(move || drain(probe, &hints, &devices_rx, &stop, &thread_stop))
+            .spawn(move || {
+                let cgroups = writer_tags.then(CgroupPaths::new);
+                drain(probe, cgroups, &hints, &devices_rx, &stop, &thread_stop)
+            })
             .map_err(ProbeError::Thread)?;
         Ok(ProbeHandle {
             thread: Some(thread),
@@ -137,13 +148,17 @@ pub fn spawn(
 /// The drain loop: wait, coalesce per file, hint, repeat until stopped.
 fn drain(
     mut probe: Probe,
+    mut cgroups: Option<CgroupPaths>,
     hints: &Sender<Hint>,
     devices: &Receiver<Vec<u64>>,
     stop: &AtomicBool,
     own_stop: &AtomicBool,
 ) {
     let mut batch = Vec::with_capacity(4096);
-    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    // Per file of a batch: the cgroup id of its last event (0 without writer tags), in the
+    // order the files first appear.
+    let mut files: Vec<((u64, u64), u64)> = Vec::new();
+    let mut index: HashMap<(u64, u64), usize> = HashMap::new();
     let mut failing = false;
     let mut lost_read_at = Instant::now();
     let metrics = crate::metrics::Events::new();
@@ -169,16 +184,27 @@ fn drain(
         failing = false;
         if !batch.is_empty() {
             events::events(batch.len() as u64);
-            seen.clear();
-            let mut dropped = 0u64;
+            files.clear();
+            index.clear();
             for event in &batch {
-                if !seen.insert((event.dev, event.ino)) {
-                    continue;
-                }
-                let hint = Hint::Write {
-                    dev: event.dev,
-                    ino: event.ino,
+                let cgroup = if cgroups.is_some() {
+                    event.cgroup_id
+                } else {
+                    0
                 };
+                let file = (event.dev, event.ino);
+                match index.get(&file) {
+                    Some(&i) => files[i].1 = cgroup,
+                    None => {
+                        index.insert(file, files.len());
+                        files.push((file, cgroup));
+                    }
+                }
+            }
+            let mut dropped = 0u64;
+            for &((dev, ino), cgroup) in &files {
+                let writer = cgroups.as_mut().and_then(|c| c.resolve(cgroup));
+                let hint = Hint::Write { dev, ino, writer };
                 match hints.try_send(hint) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => dropped += 1,
@@ -286,7 +312,7 @@ mod tests {
     fn off_does_not_load() {
         let (tx, _rx) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::Off, vec![1], tx, stop).expect("off never fails");
+        let handle = spawn(ProbeMode::Off, vec![1], false, tx, stop).expect("off never fails");
         assert!(handle.is_none());
     }
 
@@ -297,10 +323,10 @@ mod tests {
         }
         let (tx, _rx) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
-        let err = spawn(ProbeMode::On, vec![], tx.clone(), Arc::clone(&stop))
+        let err = spawn(ProbeMode::On, vec![], false, tx.clone(), Arc::clone(&stop))
             .expect_err("on must fail without the object");
         assert!(matches!(err, ProbeError::NotCompiledIn));
-        assert!(spawn(ProbeMode::Auto, vec![], tx, stop)
+        assert!(spawn(ProbeMode::Auto, vec![], false, tx, stop)
             .expect("auto falls back")
             .is_none());
     }
@@ -317,9 +343,15 @@ mod tests {
         let meta = std::fs::metadata(&path).expect("stat");
         let (tx, rx) = crossbeam_channel::bounded(1024);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::On, vec![meta.dev()], tx, Arc::clone(&stop))
-            .expect("probe on")
-            .expect("a handle when on");
+        let handle = spawn(
+            ProbeMode::On,
+            vec![meta.dev()],
+            false,
+            tx,
+            Arc::clone(&stop),
+        )
+        .expect("probe on")
+        .expect("a handle when on");
 
         let st = Command::new("sh")
             .arg("-c")
@@ -330,6 +362,7 @@ mod tests {
         let want = Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
+            writer: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut got = false;
@@ -370,13 +403,14 @@ mod tests {
         let meta = std::fs::metadata(&path).expect("stat");
         let (tx, rx) = crossbeam_channel::bounded(1024);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::On, vec![], tx, stop)
+        let handle = spawn(ProbeMode::On, vec![], false, tx, stop)
             .expect("probe on")
             .expect("a handle when on");
         handle.set_devices(vec![meta.dev()]);
         let want = Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
+            writer: None,
         };
         // The update lands within one poll; write until a hint arrives.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -407,7 +441,7 @@ mod tests {
         }
         let (tx, _rx) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::Auto, vec![], tx, Arc::clone(&stop))
+        let handle = spawn(ProbeMode::Auto, vec![], false, tx, Arc::clone(&stop))
             .expect("auto never fails")
             .expect("probe runs as root with clang");
         stop.store(true, Ordering::Relaxed);

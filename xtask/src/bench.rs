@@ -142,6 +142,12 @@ struct RunOpts {
     max_poll_interval: Option<Duration>,
     /// Ship with the `http` sink to this URL (W1's http variant) instead of the file sink.
     http_url: Option<String>,
+    /// `poll_interval` instead of `--poll-interval`.
+    poll_interval: Option<Duration>,
+    /// The probe on, with this `probe_poll_interval` (W3's probe variant).
+    probe_poll_interval: Option<Duration>,
+    /// `[batch] linger` instead of the default (100 ms).
+    linger: Option<Duration>,
 }
 
 impl Default for RunOpts {
@@ -151,6 +157,9 @@ impl Default for RunOpts {
             compression: "none",
             max_poll_interval: None,
             http_url: None,
+            poll_interval: None,
+            probe_poll_interval: None,
+            linger: None,
         }
     }
 }
@@ -180,12 +189,14 @@ impl Collector {
                     reader: o.reader.into(),
                     include,
                     path_tags,
-                    poll_interval: poll,
+                    poll_interval: o.poll_interval.unwrap_or(poll),
                     max_poll_interval: o.max_poll_interval,
                     compression: o.compression.into(),
                     out: out.clone(),
                     metrics_port: port,
                     http_url: o.http_url.clone(),
+                    probe_poll_interval: o.probe_poll_interval,
+                    linger: o.linger,
                 };
                 let path = dir.join("voltail.toml");
                 std::fs::write(&path, cfg.render())?;
@@ -828,7 +839,110 @@ fn w3(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
             r
         });
     }
+    w3_probe(ctx, &base, outcomes)?;
     ctx.cleanup(&base);
+    Ok(())
+}
+
+/// Every poll interval of W3's probe variant: so long that the latency is the probe's.
+const PROBE_POLLS: Duration = Duration::from_secs(10);
+/// Batch linger of W3's probe variant: the default 100 ms alone would exceed the 20 ms target.
+const PROBE_LINGER: Duration = Duration::from_millis(5);
+
+/// W3 with the probe on and every poll at [`PROBE_POLLS`] (the writers are local, so the probe
+/// sees every write), then the probe's cost on a W1-style writer at full speed, one `write` per
+/// line and 64 KiB writes. Where the probe cannot load it says why and skips, except under
+/// `CI=true`, where that fails the bench.
+fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
+    let s = ctx.sizes;
+    let c = &ctx.collectors[0];
+    if let Some(why) = crate::probe_cost::unavailable() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("the probe rows must run under CI=true, but the probe cannot load: {why}");
+        }
+        eprintln!("bench: W3 probe rows skipped: {why}");
+        let mut o = Outcome::new("W3", "probe", c.name());
+        o.notes
+            .push(format!("skipped: the probe cannot load here: {why}"));
+        outcomes.push(o);
+        return Ok(());
+    }
+    // The issue's target: CPU no higher than W3 without the probe, measured just before.
+    let cpu_without = outcomes
+        .iter()
+        .find(|o| o.workload == "W3" && o.variant == "steady" && o.collector == c.name())
+        .and_then(|o| o.measures.iter().find(|m| m.name == "CPU"))
+        .map_or(5.0, |m| m.value);
+    let o = Outcome::new("W3", "steady, probe on, polls 10 s, linger 5 ms", c.name());
+    attempt(outcomes, o, |o| {
+        let mut tree = Tree::create(&base.join("root-probe"), s.w3_files, 1, 600, 3)?;
+        let dir = base.join("voltail-probe");
+        let root = tree.root.clone();
+        let opts = RunOpts {
+            poll_interval: Some(PROBE_POLLS),
+            max_poll_interval: Some(PROBE_POLLS),
+            probe_poll_interval: Some(PROBE_POLLS),
+            linger: Some(PROBE_LINGER),
+            ..RunOpts::default()
+        };
+        let r = steady(
+            ctx,
+            c,
+            &mut tree,
+            &root,
+            &dir,
+            &opts,
+            s.w3_time,
+            (Some(cpu_without), Some(0.020)),
+            o,
+        );
+        ctx.cleanup(&dir);
+        r
+    });
+    let (phase, rounds) = if ctx.args.quick {
+        (Duration::from_millis(500), 1)
+    } else {
+        (Duration::from_secs(5), 3)
+    };
+    let dir = base.join("probe-cost");
+    std::fs::create_dir_all(&dir)?;
+    for (style, variant) in [
+        (
+            crate::probe_cost::Style::LinePerWrite,
+            "probe cost, write per line",
+        ),
+        (
+            crate::probe_cost::Style::Buffered,
+            "probe cost, 64 KiB writes",
+        ),
+    ] {
+        let o = Outcome::new("W3", variant, "writer");
+        attempt(outcomes, o, |o| {
+            let cost = crate::probe_cost::measure(&dir, style, phase, rounds)?;
+            let (off, on) = (cost.off.ns_per_line(), cost.on.ns_per_line());
+            o.measure("writer CPU per line, probe off", off, "ns", None);
+            o.measure("writer CPU per line, probe on", on, "ns", None);
+            o.measure(
+                "probe cost (CPU per line)",
+                100.0 * (on / off - 1.0),
+                "%",
+                Target::at_most(5.0),
+            );
+            o.measure(
+                "lines/s, probe off",
+                cost.off.lines_per_s(),
+                "lines/s",
+                None,
+            );
+            o.measure("lines/s, probe on", cost.on.lines_per_s(), "lines/s", None);
+            o.notes.push(format!(
+                "nginx lines at full speed, {rounds} x ({phase:?} off, {phase:?} on) alternating; \
+                 probe attached as {:?}; {} writes and {} events while on",
+                cost.attach, cost.on.writes, cost.events
+            ));
+            Ok(())
+        });
+    }
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 
 mod bench;
 mod nginx;
+mod probe_cost;
 mod receiver;
 mod report;
 mod runner;

@@ -286,7 +286,11 @@ impl Report {
              and RSS over 30 s.\n\
              - **W3 steady**: 1,000 files each appended 10 lines/s for 60 s by a writer pool; each line \
              carries its write time; latency is when the event appears in the sink's NDJSON output minus \
-             that time (poll interval 1 s).\n\
+             that time (poll interval 1 s). **W3 probe**: the same with the eBPF probe on, every poll \
+             interval at 10 s and a 5 ms batch linger, so the latency is the probe's (the writers are \
+             local); its CPU target is W3's CPU without the probe. **Probe cost**: one writer thread \
+             writing nginx lines as fast as it can, one `write` per line or 64 KiB writes, probe off and \
+             on in alternating phases (3 x 5 s each); the writer thread's CPU per line.\n\
              - **W4 slow NAS**: W2 and W3 read through the FUSE stand-in (`cargo xtask slownas`), \
              io_uring and pread side by side; the writers append to the source directory (pods on \
              other nodes) while voltail reads the mount. The round is measured from the filesystem's \

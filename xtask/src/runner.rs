@@ -320,6 +320,10 @@ pub struct VoltailConfig {
     pub metrics_port: u16,
     /// Ship to this URL with the `http` sink instead of writing segments to `out`.
     pub http_url: Option<String>,
+    /// `probe = "on"` with this `probe_poll_interval`; `None`: `probe = "off"`.
+    pub probe_poll_interval: Option<Duration>,
+    /// `[batch] linger` (None: the daemon's default).
+    pub linger: Option<Duration>,
 }
 
 fn toml_str(s: &str) -> String {
@@ -330,11 +334,18 @@ impl VoltailConfig {
     /// The TOML file.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "data_dir = {}\nreader = {}\nprobe = \"off\"\n\n[metrics]\naddress = \"127.0.0.1:{}\"\n\n\
+            "data_dir = {}\nreader = {}\n{}\n[metrics]\naddress = \"127.0.0.1:{}\"\n\n\
              [[sources]]\nname = \"nginx\"\ninclude = [{}]\npath_tags = {}\nstart_at = \"beginning\"\n\
              poll_interval = \"{}ms\"\n",
             toml_str(&self.data_dir.display().to_string()),
             toml_str(&self.reader),
+            match self.probe_poll_interval {
+                Some(p) => format!(
+                    "probe = \"on\"\nprobe_poll_interval = \"{}ms\"\n",
+                    p.as_millis()
+                ),
+                None => "probe = \"off\"\n".to_string(),
+            },
             self.metrics_port,
             toml_str(&self.include),
             toml_str(&self.path_tags),
@@ -342,6 +353,9 @@ impl VoltailConfig {
         );
         if let Some(m) = self.max_poll_interval {
             s.push_str(&format!("max_poll_interval = \"{}ms\"\n", m.as_millis()));
+        }
+        if let Some(l) = self.linger {
+            s.push_str(&format!("\n[batch]\nlinger = \"{}ms\"\n", l.as_millis()));
         }
         match &self.http_url {
             Some(url) => s.push_str(&format!(
@@ -452,9 +466,21 @@ mod tests {
             out: "/tmp/o".into(),
             metrics_port: 9000,
             http_url: None,
+            probe_poll_interval: None,
+            linger: None,
         };
         let t = c.render();
         assert!(t.contains("poll_interval = \"1000ms\""), "{t}");
+        assert!(t.contains("probe = \"off\"\n"), "{t}");
+        let on = VoltailConfig {
+            probe_poll_interval: Some(Duration::from_secs(10)),
+            ..c
+        }
+        .render();
+        assert!(
+            on.contains("probe = \"on\"\nprobe_poll_interval = \"10000ms\"\n"),
+            "{on}"
+        );
         assert!(t.contains("path_tags = \"^/r/(?P<app>[^/]+)/\""), "{t}");
     }
 

@@ -59,10 +59,10 @@ use crate::framing::{Framed, Framer};
 use crate::identity::{FileId, Match, FINGERPRINT_BYTES};
 use crate::lag::LagBoard;
 use crate::metrics::Events;
-use crate::tags::PathTagger;
+use crate::tags::{PathTagger, Writer};
 
 /// A hint that a file may have changed, from outside the poll loop (the eBPF probe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
     /// A process on this node wrote to the file `dev`/`ino` (`dev` as `st_dev` shows it).
     Write {
@@ -70,6 +70,9 @@ pub enum Hint {
         dev: u64,
         /// Inode.
         ino: u64,
+        /// Who wrote, when writer tags are on and its cgroup resolved: the file's events get
+        /// its tags from the next read on.
+        writer: Option<Arc<Writer>>,
     },
 }
 
@@ -83,6 +86,8 @@ const READ_BUF: usize = 256 * 1024;
 const READ_ARENA: usize = 8 << 20;
 /// Shortest sleep between rounds, so that due files gather into batched rounds.
 const MIN_TICK: Duration = Duration::from_millis(20);
+/// Writers of files not tracked yet remembered, so a new file's first events carry its writer.
+const PENDING_WRITERS: usize = 4096;
 /// Released files remembered, so that one coming back (its directory vanished and returned)
 /// resumes where it was released instead of being read again.
 const RELEASED_KEPT: usize = 4096;
@@ -161,6 +166,8 @@ struct Tracked {
     last_change: Instant,
     /// Stats or reads failed in a row (EIO, ESTALE, ...); 0 while healthy.
     errors: u32,
+    /// The last writer the probe named (writer tags on), rendered into `meta`.
+    writer: Option<Arc<Writer>>,
 }
 
 /// How the tailer runs.
@@ -209,6 +216,8 @@ pub struct Tailer {
     /// Files released lately, by inode: identity and the offset they were finished at.
     released: HashMap<u64, (FileId, u64)>,
     released_order: std::collections::VecDeque<u64>,
+    /// Writers the probe named for files not tracked yet, by (dev, ino).
+    pending_writers: HashMap<(u64, u64), Arc<Writer>>,
     scratch: String,
 }
 
@@ -290,6 +299,7 @@ impl Tailer {
             failed_opens: HashMap::new(),
             released: HashMap::new(),
             released_order: std::collections::VecDeque::new(),
+            pending_writers: HashMap::new(),
             scratch: String::new(),
         }
     }
@@ -429,9 +439,24 @@ impl Tailer {
 
     fn hint(&mut self, h: Hint, now: Instant) {
         match h {
-            Hint::Write { dev, ino } => match self.by_ino.get(&(dev, ino)) {
+            Hint::Write { dev, ino, writer } => match self.by_ino.get(&(dev, ino)) {
                 Some(k) => {
                     if let Some(f) = self.files.get_mut(k) {
+                        if let Some(w) = writer {
+                            if f.writer.as_deref() != Some(&*w) {
+                                tracing::debug!(path = %f.path.display(), cgroup = %w.cgroup,
+                                    "file has a new writer");
+                                f.writer = Some(w);
+                                f.meta = meta_for(
+                                    &self.sources[f.source],
+                                    f.key,
+                                    &f.path,
+                                    f.id.event_base(),
+                                    f.writer.as_deref(),
+                                    &self.events,
+                                );
+                            }
+                        }
                         if f.next_due > now {
                             f.next_due = now;
                             self.schedule.push(Reverse((now, *k)));
@@ -440,6 +465,14 @@ impl Tailer {
                     }
                 }
                 None => {
+                    if let Some(w) = writer {
+                        if self.pending_writers.len() >= PENDING_WRITERS {
+                            // Writes to files that are never tracked (excluded, other
+                            // mounts' files on the same device): forget them all at once.
+                            self.pending_writers.clear();
+                        }
+                        self.pending_writers.insert((dev, ino), w);
+                    }
                     // A write to a file we don't track yet under a watched mount: look soon.
                     let soon = now + Duration::from_millis(200);
                     if self.next_discovery > soon {
@@ -619,6 +652,7 @@ impl Tailer {
             k,
             path,
             f.id.event_base(),
+            f.writer.as_deref(),
             &self.events,
         );
         self.by_path.insert(path.as_os_str().to_owned(), k);
@@ -677,7 +711,15 @@ impl Tailer {
         };
         let id = FileId::new(st.dev, st.ino, &prefix);
         let src = &self.sources[source];
-        let meta = meta_for(src, key, &path, id.event_base(), &self.events);
+        let writer = self.pending_writers.remove(&(st.dev, st.ino));
+        let meta = meta_for(
+            src,
+            key,
+            &path,
+            id.event_base(),
+            writer.as_deref(),
+            &self.events,
+        );
         tracing::info!(path = %path.display(), source = %src.name, offset, id = %id,
             resumed = resumed.is_some(), "tracking file");
         self.builder.update(FileUpdate::Track {
@@ -719,6 +761,7 @@ impl Tailer {
             next_due: now,
             last_change: now,
             errors: 0,
+            writer,
         };
         if !orphan {
             self.by_path.insert(path.into_os_string(), key);
@@ -1372,7 +1415,14 @@ impl Tailer {
                 let id = FileId::new(f.dev, f.ino, &f.prefix);
                 if id != f.id {
                     f.id = id;
-                    f.meta = meta_for(src, k, &f.path, id.event_base(), &self.events);
+                    f.meta = meta_for(
+                        src,
+                        k,
+                        &f.path,
+                        id.event_base(),
+                        f.writer.as_deref(),
+                        &self.events,
+                    );
                     self.builder.update(FileUpdate::Identity {
                         key: k,
                         id,
@@ -1582,13 +1632,21 @@ fn path_op(f: &Tracked) -> StatOp<'_> {
     StatOp::new(-1, Some(f.cpath.as_c_str()))
 }
 
-fn meta_for(src: &SourceRt, key: FileKey, path: &Path, fp: u64, events: &Events) -> Arc<FileMeta> {
+fn meta_for(
+    src: &SourceRt,
+    key: FileKey,
+    path: &Path,
+    fp: u64,
+    writer: Option<&Writer>,
+    events: &Events,
+) -> Arc<FileMeta> {
     let p = path.to_string_lossy();
     let tags = src.tagger.tags(&p).unwrap_or_else(|| {
         tracing::debug!(path = %p, "path does not match path_tags; shipping untagged");
         events.untagged_file();
         Vec::new()
     });
+    let tags = crate::tags::with_writer(tags, writer);
     Arc::new(FileMeta::new(
         key,
         Arc::clone(&src.name),

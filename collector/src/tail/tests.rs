@@ -33,6 +33,7 @@ struct Delivered {
     path: String,
     offset: u64,
     message: String,
+    tags: Vec<(String, String)>,
 }
 
 /// The read backends the tailer runs on: its tests run on each.
@@ -201,6 +202,7 @@ impl Harness {
                     path: b.files[e.file as usize].path.clone(),
                     offset: e.offset,
                     message: String::from_utf8_lossy(&bytes[..bytes.len() - 1]).into_owned(),
+                    tags: b.files[e.file as usize].tags.clone(),
                 });
             }
             for u in &b.updates {
@@ -256,6 +258,49 @@ fn append(p: &Path, text: &str) {
         .expect("open")
         .write_all(text.as_bytes())
         .expect("write");
+}
+
+/// Writer tags: a hint naming a writer tags the file's events from the next read on, and a
+/// writer named before its file is tracked tags the file's first events.
+#[test]
+fn a_hinted_writer_tags_the_files_events_from_the_next_read() {
+    let d = tempfile::tempdir().expect("tmp");
+    let a = d.path().join("a/app.log");
+    append(&a, "a1\n");
+    let mut h = Harness::new(d.path(), "");
+    h.step(true);
+    let b = d.path().join("b/app.log");
+    append(&b, "b1\n");
+    append(&a, "a2\n");
+    let writer = Arc::new(Writer::new("/pods/docker-1.scope".to_string()));
+    let now = h.now;
+    let t = h.tailer.as_mut().expect("tailer");
+    for p in [&a, &b] {
+        let m = std::fs::metadata(p).expect("stat");
+        t.hint(
+            Hint::Write {
+                dev: m.dev(),
+                ino: m.ino(),
+                writer: Some(Arc::clone(&writer)),
+            },
+            now,
+        );
+    }
+    for _ in 0..3 {
+        h.step(true);
+    }
+    let tagged = |msg: &str| {
+        let d = h.delivered.iter().find(|d| d.message == msg).expect(msg);
+        d.tags
+            .iter()
+            .any(|(k, v)| k == "writer_cgroup" && v == "/pods/docker-1.scope")
+    };
+    assert!(!tagged("a1"), "read before the writer was known");
+    assert!(tagged("a2"), "read after the hint");
+    assert!(
+        tagged("b1"),
+        "the writer was named before the file was tracked"
+    );
 }
 
 #[test]
