@@ -27,6 +27,19 @@ use std::time::Duration;
 /// Whether the BPF object was compiled into this build (clang was found at build time).
 pub const COMPILED_IN: bool = cfg!(voltail_probe);
 
+/// The error and its sources, `: `-joined (a verifier log or an errno is in a source): what a
+/// log line or a test failure should show of a [`ProbeError`].
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// One successful write by a process on this node to a regular file on a watched device.
 ///
 /// Same layout as `struct write_event` in `probe.bpf.c`. Once returned by [`Probe::poll`], `dev`

@@ -206,7 +206,7 @@ impl Loaded {
                 Err(btf) => {
                     let btf = match btf {
                         BtfFallback::Unavailable(why) => why,
-                        BtfFallback::Failed(e) => error_chain(&e),
+                        BtfFallback::Failed(e) => crate::error_chain(&e),
                     };
                     match ensure_tracefs() {
                         Ok(()) => {
@@ -457,18 +457,6 @@ fn mount_tracefs() -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-/// The error and its sources, `: `-joined (the verifier log is in a source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn load_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> ProbeError {

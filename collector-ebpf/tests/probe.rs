@@ -49,19 +49,8 @@ fn load(devices: Vec<u64>, attach: Attach) -> Probe {
     };
     match Probe::load(&opts) {
         Ok(p) => p,
-        Err(e) => panic!("probe load failed: {}", error_chain(&e)),
+        Err(e) => panic!("probe load failed: {}", voltail_ebpf::error_chain(&e)),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Polls until `want` returns true for an event or `within` passes; returns every event seen.

@@ -135,7 +135,7 @@ pub fn spawn(
         Err(e) if mode == ProbeMode::Auto => {
             tracing::warn!(
                 reason = why(&e),
-                error = %error_chain(&e),
+                error = %voltail_ebpf::error_chain(&e),
                 "ebpf write probe unavailable, polling only"
             );
             events::active(false);
@@ -167,7 +167,7 @@ fn drain(
             match probe.set_devices(&set) {
                 Ok(()) => tracing::info!(devices = set.len(), "probe watched devices updated"),
                 Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "updating the probe's watched devices failed")
+                    tracing::warn!(error = %voltail_ebpf::error_chain(&e), "updating the probe's watched devices failed")
                 }
             }
         }
@@ -175,7 +175,7 @@ fn drain(
         if let Err(e) = probe.poll(POLL_TIMEOUT, &mut batch) {
             // Log a run of failures once; sleep so a persistent one does not spin.
             if !failing {
-                tracing::warn!(error = %error_chain(&e), "ebpf probe poll failed");
+                tracing::warn!(error = %voltail_ebpf::error_chain(&e), "ebpf probe poll failed");
                 failing = true;
             }
             std::thread::sleep(POLL_TIMEOUT);
@@ -227,7 +227,7 @@ fn drain(
             match probe.lost() {
                 Ok(lost) => events::lost(lost),
                 Err(e) => {
-                    tracing::debug!(error = %error_chain(&e), "reading probe drop counters failed")
+                    tracing::debug!(error = %voltail_ebpf::error_chain(&e), "reading probe drop counters failed")
                 }
             }
         }
@@ -250,18 +250,6 @@ fn why(e: &ProbeError) -> &'static str {
         ProbeError::Map { .. } => "map error",
         ProbeError::Thread(_) => "thread error",
     }
-}
-
-/// The error and its sources, `: `-joined (the verifier log is in a source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 // ---- Metrics. Kept together so they can move into the metrics module's events interface. ----
