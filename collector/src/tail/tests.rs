@@ -395,17 +395,24 @@ fn partial_line_waits_then_flushes() {
     assert_eq!(h.delivered[2].offset, 16);
 }
 
-#[test]
-fn idle_files_are_stated_once_per_interval_and_not_between() {
+/// `n` pod directories with one line in `podN/app.log` each, read once by a tailer that trusts
+/// directory stamps at once (the directories were made just now).
+fn idle_pods(n: usize, extra: &str) -> (tempfile::TempDir, Harness) {
     let d = tempfile::tempdir().expect("tmp");
-    for i in 0..50 {
+    for i in 0..n {
         append(&d.path().join(format!("pod{i}/app.log")), "line\n");
     }
-    // Backs off to 8 s: 1, 2, 4, 8.
-    let mut h = Harness::new(d.path(), "max_poll_interval = \"8s\"");
+    let mut h = Harness::new(d.path(), extra);
     h.tailer.as_mut().expect("t").racy = Duration::ZERO;
     h.step(true);
-    assert_eq!(h.messages().len(), 50);
+    assert_eq!(h.messages().len(), n);
+    (d, h)
+}
+
+#[test]
+fn idle_files_are_stated_once_per_interval_and_not_between() {
+    // Backs off to 8 s: 1, 2, 4, 8.
+    let (_d, mut h) = idle_pods(50, "max_poll_interval = \"8s\"");
     // File stats (the directories' stats of the rename check are another test's subject).
     let count = |h: &Harness| {
         h.stats.load(std::sync::atomic::Ordering::Relaxed)
@@ -446,15 +453,7 @@ fn idle_files_are_stated_once_per_interval_and_not_between() {
 /// only if the file's directory changed since (one stat per directory).
 #[test]
 fn paths_are_checked_when_a_file_stops_growing_or_its_directory_changed() {
-    let d = tempfile::tempdir().expect("tmp");
-    for i in 0..10 {
-        append(&d.path().join(format!("pod{i}/app.log")), "line\n");
-    }
-    let mut h = Harness::new(d.path(), "discover_interval = \"5s\"\n");
-    // The directories were made just now: trust their stamps at once here.
-    h.tailer.as_mut().expect("t").racy = Duration::ZERO;
-    h.step(true);
-    assert_eq!(h.messages().len(), 10);
+    let (d, mut h) = idle_pods(10, "discover_interval = \"5s\"\n");
     let load = |c: &Arc<std::sync::atomic::AtomicU64>| c.load(std::sync::atomic::Ordering::Relaxed);
     for _ in 0..3 {
         h.step(true);
