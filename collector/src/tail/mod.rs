@@ -38,7 +38,7 @@ mod conformance;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -447,14 +447,7 @@ impl Tailer {
                                 tracing::debug!(path = %f.path.display(), cgroup = %w.cgroup,
                                     "file has a new writer");
                                 f.writer = Some(w);
-                                f.meta = meta_for(
-                                    &self.sources[f.source],
-                                    f.key,
-                                    &f.path,
-                                    f.id.event_base(),
-                                    f.writer.as_deref(),
-                                    &self.events,
-                                );
+                                f.meta = meta_of(&self.sources[f.source], f, &self.events);
                             }
                         }
                         if f.next_due > now {
@@ -647,14 +640,7 @@ impl Tailer {
         f.cdir = cstring(path.parent().unwrap_or(path));
         f.dir_stamp = None;
         f.orphan = false;
-        f.meta = meta_for(
-            &self.sources[f.source],
-            k,
-            path,
-            f.id.event_base(),
-            f.writer.as_deref(),
-            &self.events,
-        );
+        f.meta = meta_of(&self.sources[f.source], f, &self.events);
         self.by_path.insert(path.as_os_str().to_owned(), k);
         self.builder.update(FileUpdate::Rename {
             key: k,
@@ -1021,11 +1007,11 @@ impl Tailer {
                 !f.orphan && now >= f.next_path_check
             })
             .collect();
-        let mut dirs: Vec<CString> = chunk
+        let mut dirs: Vec<&CStr> = chunk
             .iter()
             .zip(&due)
             .filter(|(_, &d)| d)
-            .map(|(k, _)| self.files[k].cdir.clone())
+            .map(|(k, _)| self.files[k].cdir.as_c_str())
             .collect();
         dirs.sort_unstable();
         dirs.dedup();
@@ -1034,7 +1020,7 @@ impl Tailer {
             let mut ops: Vec<StatOp<'_>> = chunk
                 .iter()
                 .map(|k| StatOp::new(self.files[k].file.as_raw_fd(), None))
-                .chain(dirs.iter().map(|d| StatOp::new(-1, Some(d.as_c_str()))))
+                .chain(dirs.iter().map(|d| StatOp::new(-1, Some(*d))))
                 .collect();
             self.backend.stat_batch(&mut ops);
             let dir_ops = ops.split_off(chunk.len());
@@ -1055,7 +1041,7 @@ impl Tailer {
             if due[i] {
                 let every = self.sources[f.source].cfg.discover_interval.0;
                 let stamp = dirs
-                    .binary_search(&f.cdir)
+                    .binary_search(&f.cdir.as_c_str())
                     .ok()
                     .and_then(|d| dir_stats[d].ok())
                     .and_then(|st| DirStamp::trusted(&st, wall, self.racy));
@@ -1415,14 +1401,7 @@ impl Tailer {
                 let id = FileId::new(f.dev, f.ino, &f.prefix);
                 if id != f.id {
                     f.id = id;
-                    f.meta = meta_for(
-                        src,
-                        k,
-                        &f.path,
-                        id.event_base(),
-                        f.writer.as_deref(),
-                        &self.events,
-                    );
+                    f.meta = meta_of(src, f, &self.events);
                     self.builder.update(FileUpdate::Identity {
                         key: k,
                         id,
@@ -1630,6 +1609,18 @@ fn cstring(p: &Path) -> CString {
 /// The stat of what `f`'s path names.
 fn path_op(f: &Tracked) -> StatOp<'_> {
     StatOp::new(-1, Some(f.cpath.as_c_str()))
+}
+
+/// [`meta_for`] of a tracked file as it is now (path, identity, writer).
+fn meta_of(src: &SourceRt, f: &Tracked, events: &Events) -> Arc<FileMeta> {
+    meta_for(
+        src,
+        f.key,
+        &f.path,
+        f.id.event_base(),
+        f.writer.as_deref(),
+        events,
+    )
 }
 
 fn meta_for(
