@@ -182,7 +182,7 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     let q = cfg.batch.queue_batches;
     let (raw_tx, raw_rx) = bounded::<Batch>(q);
     let (ready_tx, ready_rx) = bounded::<Batch>(q);
-    let (hint_tx, hint_rx) = bounded(4096);
+    let (hint_tx, hint_rx) = crate::tail::hints::mailbox(4096);
     // The probe watches the devices of the include roots (writes by processes on this node).
     let mut devices: Vec<u64> = discovery
         .roots()

@@ -6,9 +6,10 @@
 //! the loader live in the `voltail-ebpf` crate.
 //!
 //! What it deliberately does not do: decide what a hint means (the tailer makes the file due, or
-//! discovers an unknown inode's directory), or wait when the tailer is busy: a full hint channel
-//! drops the hint, because the safety poll catches up anyway. Within one drained batch it sends
-//! one hint per file, so a writer doing many small writes does not flood the channel.
+//! discovers an unknown inode's directory), or wait when the tailer is busy: a full hint mailbox
+//! ([`crate::tail::hints`]) drops the hint, because the safety poll catches up anyway. Each
+//! drained batch is posted at once, one hint per file, so a writer doing many small writes does
+//! not flood the mailbox.
 //!
 //! With writer tags on (`probe_writer_tags`), each hint also names the file's last writer in
 //! that batch: its cgroup id resolved to a path by [`crate::cgroup::CgroupPaths`] (cached, on
@@ -20,11 +21,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use voltail_ebpf::{Attach, Probe, ProbeOptions};
 
 use crate::cgroup::CgroupPaths;
 use crate::config::ProbeMode;
+use crate::tail::hints::HintSender;
 use crate::tail::Hint;
 
 pub use voltail_ebpf::ProbeError;
@@ -91,7 +93,7 @@ pub fn spawn(
     mode: ProbeMode,
     devices: Vec<u64>,
     writer_tags: bool,
-    hints: Sender<Hint>,
+    hints: HintSender,
     stop: Arc<AtomicBool>,
 ) -> Result<Option<ProbeHandle>, ProbeError> {
     if mode == ProbeMode::Off {
@@ -149,7 +151,7 @@ pub fn spawn(
 fn drain(
     mut probe: Probe,
     mut cgroups: Option<CgroupPaths>,
-    hints: &Sender<Hint>,
+    hints: &HintSender,
     devices: &Receiver<Vec<u64>>,
     stop: &AtomicBool,
     own_stop: &AtomicBool,
@@ -201,20 +203,16 @@ fn drain(
                     }
                 }
             }
-            let mut dropped = 0u64;
-            for &((dev, ino), cgroup) in &files {
-                let writer = cgroups.as_mut().and_then(|c| c.resolve(cgroup));
-                let hint = Hint::Write { dev, ino, writer };
-                match hints.try_send(hint) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => dropped += 1,
-                    Err(TrySendError::Disconnected(_)) => {
-                        tracing::debug!("hint receiver gone, probe drain stops");
-                        events::active(false);
-                        return;
-                    }
-                }
-            }
+            let batch = files.iter().map(|&((dev, ino), cgroup)| Hint::Write {
+                dev,
+                ino,
+                writer: cgroups.as_mut().and_then(|c| c.resolve(cgroup)),
+            });
+            let Ok(dropped) = hints.send(batch) else {
+                tracing::debug!("hint receiver gone, probe drain stops");
+                events::active(false);
+                return;
+            };
             if dropped > 0 {
                 tracing::trace!(dropped, "hint channel full, hints dropped");
                 for _ in 0..dropped {
@@ -298,7 +296,7 @@ mod tests {
 
     #[test]
     fn off_does_not_load() {
-        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let (tx, _rx) = crate::tail::hints::mailbox(1);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = spawn(ProbeMode::Off, vec![1], false, tx, stop).expect("off never fails");
         assert!(handle.is_none());
@@ -309,7 +307,7 @@ mod tests {
         if voltail_ebpf::COMPILED_IN {
             return;
         }
-        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let (tx, _rx) = crate::tail::hints::mailbox(1);
         let stop = Arc::new(AtomicBool::new(false));
         let err = spawn(ProbeMode::On, vec![], false, tx.clone(), Arc::clone(&stop))
             .expect_err("on must fail without the object");
@@ -329,7 +327,7 @@ mod tests {
         let path = dir.path().join("pod.log");
         std::fs::write(&path, b"").expect("create");
         let meta = std::fs::metadata(&path).expect("stat");
-        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let (tx, rx) = crate::tail::hints::mailbox(1024);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = spawn(
             ProbeMode::On,
@@ -354,14 +352,12 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut got = false;
+        let mut hints = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match rx.recv_timeout(left) {
-                Ok(h) if h == want => {
-                    got = true;
-                    break;
-                }
-                Ok(_) => {}
-                Err(_) => break,
+            rx.wait(left, &mut hints);
+            if hints.drain(..).any(|h| h == want) {
+                got = true;
+                break;
             }
         }
         assert!(got, "no hint {want:?} within 15 s");
@@ -389,7 +385,7 @@ mod tests {
         let path = dir.path().join("late.log");
         std::fs::write(&path, b"").expect("create");
         let meta = std::fs::metadata(&path).expect("stat");
-        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let (tx, rx) = crate::tail::hints::mailbox(1024);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = spawn(ProbeMode::On, vec![], false, tx, stop)
             .expect("probe on")
@@ -411,12 +407,9 @@ mod tests {
                 .expect("sh");
             assert!(st.success());
             // Other processes write to the same device: look through every hint that comes.
-            while let Ok(h) = rx.recv_timeout(Duration::from_millis(200)) {
-                if h == want || Instant::now() >= deadline {
-                    got = h == want;
-                    break;
-                }
-            }
+            let mut hints = Vec::new();
+            rx.wait(Duration::from_millis(200), &mut hints);
+            got = hints.contains(&want);
         }
         assert!(got, "no hint after the device was added");
         handle.stop();
@@ -427,7 +420,7 @@ mod tests {
         if can_test("the_daemon_stop_flag_ends_the_thread").is_none() {
             return;
         }
-        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let (tx, _rx) = crate::tail::hints::mailbox(1);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = spawn(ProbeMode::Auto, vec![], false, tx, Arc::clone(&stop))
             .expect("auto never fails")

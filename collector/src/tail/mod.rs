@@ -29,6 +29,7 @@
 //! This module does not talk to sinks and does not write the checkpoint.
 
 pub mod backend;
+pub mod hints;
 pub mod pread;
 pub mod select;
 pub mod uring;
@@ -47,7 +48,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{SendTimeoutError, Sender};
+
+use self::hints::HintReceiver;
 use encoding_rs::Encoding;
 
 use self::backend::{Errno, ReadBackend, ReadOp, Stat, StatOp};
@@ -188,19 +191,21 @@ pub struct Tailer {
     backend: Box<dyn ReadBackend>,
     builder: BatchBuilder,
     out: Sender<Batch>,
-    hints: Receiver<Hint>,
+    hints: HintReceiver,
+    /// Hints taken from `hints`, kept for its allocation.
+    hint_buf: Vec<Hint>,
     events: Events,
     lag: Arc<LagBoard>,
     opts: TailerOptions,
     shard: Option<crate::config::Shard>,
-    files: HashMap<FileKey, Tracked>,
+    files: FastMap<FileKey, Tracked>,
     /// When each file must be looked at next: an entry at every `next_due` ever set, plus
     /// one at the time a partial line is to be flushed. Entries whose file is gone or whose
     /// time passed without the file being due are stale and skipped, so a round costs
     /// O(due files x log files), not a scan of every tracked file (10,000 idle files).
     schedule: BinaryHeap<Reverse<(Instant, FileKey)>>,
     by_path: PathMap,
-    by_ino: HashMap<(u64, u64), FileKey>,
+    by_ino: FastMap<(u64, u64), FileKey>,
     /// Directory stamps changed this recently are not trusted ([`RACY`]; tests lower it).
     racy: Duration,
     /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
@@ -244,7 +249,7 @@ pub struct TailerParts {
     /// Where closed batches go.
     pub out: Sender<Batch>,
     /// Probe hints.
-    pub hints: Receiver<Hint>,
+    pub hints: HintReceiver,
     /// Metrics.
     pub events: Events,
     /// Lag bookkeeping shared with the uploader.
@@ -280,15 +285,16 @@ impl Tailer {
             builder: p.builder,
             out: p.out,
             hints: p.hints,
+            hint_buf: Vec::new(),
             events: p.events,
             lag: p.lag,
             shard: p.opts.shard,
             opts: p.opts,
-            files: HashMap::new(),
+            files: FastMap::default(),
             schedule: BinaryHeap::new(),
             by_path: PathMap::default(),
             racy: RACY,
-            by_ino: HashMap::new(),
+            by_ino: FastMap::default(),
             restore,
             next_key,
             arena: Vec::new(),
@@ -331,15 +337,11 @@ impl Tailer {
             }
             let wake = self.next_wake();
             let sleep = wake.saturating_duration_since(Instant::now()).max(MIN_TICK);
-            match self.hints.recv_timeout(sleep) {
-                Ok(h) => {
-                    self.hint(h, Instant::now());
-                    self.drain_hints(Instant::now());
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                // No probe: nothing will ever send a hint; sleep instead.
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => std::thread::sleep(sleep),
-            }
+            // Without a probe nothing posts: this is a plain sleep.
+            let mut got = std::mem::take(&mut self.hint_buf);
+            self.hints.wait(sleep, &mut got);
+            self.apply_hints(&mut got, Instant::now());
+            self.hint_buf = got;
         }
         match self.builder.take() {
             Some(b) => {
@@ -432,7 +434,14 @@ impl Tailer {
     }
 
     fn drain_hints(&mut self, now: Instant) {
-        while let Ok(h) = self.hints.try_recv() {
+        let mut got = std::mem::take(&mut self.hint_buf);
+        self.hints.take(&mut got);
+        self.apply_hints(&mut got, now);
+        self.hint_buf = got;
+    }
+
+    fn apply_hints(&mut self, got: &mut Vec<Hint>, now: Instant) {
+        for h in got.drain(..) {
             self.hint(h, now);
         }
     }
@@ -985,14 +994,19 @@ impl Tailer {
     /// changed:
     /// - in the round a live file stops growing after it grew since its path was last checked
     ///   (a writer that moved on to a new file at the path leaves the old one still);
-    /// - every `discover_interval` otherwise (a file rotated while idle is noticed at
-    ///   discovery's pace, like a new file), and then only if the file's directory changed: a
-    ///   rename, creation or removal in a directory changes its mtime and ctime, so while its
-    ///   stamp is the one taken before the path last named the file, it still does. One stat
-    ///   per directory, not one path lookup per file. Stamps fresher than [`RACY`] are not
-    ///   trusted (a second change within a coarse timestamp's granule would not show), and
-    ///   paths are checked regardless every [`PATH_RECHECK_EVERY`] intervals, for filesystems
-    ///   that do not keep directory times.
+    /// - at every poll of a file that has not grown since its path was last checked, and
+    ///   every `discover_interval` for one that keeps growing; and then only if the file's
+    ///   directory changed: a rename, creation or removal in a directory changes its mtime and
+    ///   ctime, so while its stamp is the one taken before the path last named the file, it
+    ///   still does. One stat per directory and round, not one path lookup per file. Stamps
+    ///   fresher than [`RACY`] are not trusted (a second change within a coarse timestamp's
+    ///   granule would not show), and paths are checked regardless every
+    ///   [`PATH_RECHECK_EVERY`] intervals, for filesystems that do not keep directory times.
+    ///
+    /// Why an idle file's directory is stated at every poll and not at discovery's pace: until
+    /// the rename of a file the tailer follows is noticed, discovery does not look at its path
+    /// (see `Discovery::scan_new`), so a new file there stays unseen; if that one is rotated
+    /// away too before the next check, it is never read (the model test found this).
     ///
     /// Orphans (rotated away, deleted) are stated through their descriptor only.
     fn stat_chunk(
@@ -1004,7 +1018,7 @@ impl Tailer {
             .iter()
             .map(|k| {
                 let f = &self.files[k];
-                !f.orphan && now >= f.next_path_check
+                !f.orphan && (now >= f.next_path_check || f.size == f.path_checked_size)
             })
             .collect();
         let mut dirs: Vec<&CStr> = chunk
@@ -1562,8 +1576,13 @@ type StatResult = Result<Stat, Errno>;
 /// `Path`'s own hash walks the path component by component through SipHash.
 type PathMap = HashMap<std::ffi::OsString, FileKey, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
 
+/// Tracked files by key and by inode: looked up for every due file and every probe hint, where
+/// SipHash showed in the W3-with-probe profile. The keys are ours or the kernel's, not an
+/// attacker's.
+type FastMap<K, V> = HashMap<K, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
+
 /// Whether the tailer follows a live (not orphaned) file at `path`.
-fn follows(files: &HashMap<FileKey, Tracked>, by_path: &PathMap, path: &Path) -> bool {
+fn follows(files: &FastMap<FileKey, Tracked>, by_path: &PathMap, path: &Path) -> bool {
     by_path
         .get(path.as_os_str())
         .and_then(|k| files.get(k))

@@ -1,0 +1,216 @@
+//! The probe's hints to the reader: a bounded mailbox the reader thread sleeps on.
+//!
+//! Why not a channel: the reader sleeps on its hints between rounds, hundreds of times a second
+//! under a busy probe, and `crossbeam_channel`'s blocking receive first spins and calls
+//! `sched_yield` four times before it parks. On a two-core machine each yield hands the core to
+//! another of our threads, so the W3-with-probe profile spent more in `sched_yield` and its
+//! context switches than in reading the hinted files. Here the wait is one futex wait
+//! (`Condvar::wait_timeout`), a sender only signals when the reader is asleep, and the probe
+//! thread posts each drained batch under one lock instead of one message per file.
+//!
+//! A full mailbox drops the hint (the sender counts it): the safety poll reads the file anyway.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::Hint;
+
+struct Shared {
+    state: Mutex<State>,
+    ready: Condvar,
+    capacity: usize,
+    /// The receiver was dropped: senders stop.
+    gone: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    hints: Vec<Hint>,
+    /// The receiver is (about to be) blocked in `wait`.
+    sleeping: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves nothing half-done (a Vec push or swap).
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A mailbox holding at most `capacity` hints.
+pub fn mailbox(capacity: usize) -> (HintSender, HintReceiver) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::default()),
+        ready: Condvar::new(),
+        capacity: capacity.max(1),
+        gone: AtomicBool::new(false),
+    });
+    (
+        HintSender {
+            shared: Arc::clone(&shared),
+        },
+        HintReceiver { shared },
+    )
+}
+
+/// The probe's end.
+#[derive(Clone)]
+pub struct HintSender {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for HintSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HintSender")
+            .field("capacity", &self.shared.capacity)
+            .finish()
+    }
+}
+
+/// The receiver was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+impl HintSender {
+    /// Posts `hints`, waking the reader if it sleeps. Returns how many were dropped because the
+    /// mailbox was full.
+    pub fn send(&self, hints: impl IntoIterator<Item = Hint>) -> Result<u64, Gone> {
+        if self.shared.gone.load(Ordering::Relaxed) {
+            return Err(Gone);
+        }
+        let mut dropped = 0u64;
+        let wake = {
+            let mut st = self.shared.lock();
+            for h in hints {
+                if st.hints.len() < self.shared.capacity {
+                    st.hints.push(h);
+                } else {
+                    dropped += 1;
+                }
+            }
+            std::mem::take(&mut st.sleeping) && !st.hints.is_empty()
+        };
+        if wake {
+            self.shared.ready.notify_one();
+        }
+        Ok(dropped)
+    }
+}
+
+/// The reader's end.
+pub struct HintReceiver {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for HintReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HintReceiver")
+            .field("waiting", &self.shared.lock().hints.len())
+            .finish()
+    }
+}
+
+impl HintReceiver {
+    /// Moves the waiting hints to `out` without blocking.
+    pub fn take(&self, out: &mut Vec<Hint>) {
+        let mut st = self.shared.lock();
+        if out.is_empty() {
+            std::mem::swap(out, &mut st.hints);
+        } else {
+            out.append(&mut st.hints);
+        }
+    }
+
+    /// Moves the waiting hints to `out`; when there are none, first sleeps until some are
+    /// posted or `timeout` passes.
+    pub fn wait(&self, timeout: Duration, out: &mut Vec<Hint>) {
+        let mut st = self.shared.lock();
+        if st.hints.is_empty() {
+            st.sleeping = true;
+            st = match self
+                .shared
+                .ready
+                .wait_timeout_while(st, timeout, |s| s.hints.is_empty())
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+            st.sleeping = false;
+        }
+        if out.is_empty() {
+            std::mem::swap(out, &mut st.hints);
+        } else {
+            out.append(&mut st.hints);
+        }
+    }
+}
+
+impl Drop for HintReceiver {
+    fn drop(&mut self) {
+        self.shared.gone.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn hint(ino: u64) -> Hint {
+        Hint::Write {
+            dev: 1,
+            ino,
+            writer: None,
+        }
+    }
+
+    #[test]
+    fn a_post_wakes_a_sleeping_reader_at_once() {
+        let (tx, rx) = mailbox(16);
+        let poster = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send([hint(1), hint(2)]).expect("receiver alive")
+        });
+        let mut got = Vec::new();
+        let started = Instant::now();
+        rx.wait(Duration::from_secs(60), &mut got);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "woke by timeout"
+        );
+        assert_eq!(poster.join().expect("poster"), 0);
+        assert_eq!(got, vec![hint(1), hint(2)]);
+    }
+
+    #[test]
+    fn waiting_without_hints_returns_after_the_timeout_empty() {
+        let (_tx, rx) = mailbox(16);
+        let mut got = Vec::new();
+        let started = Instant::now();
+        rx.wait(Duration::from_millis(30), &mut got);
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn a_full_mailbox_drops_and_counts_and_keeps_the_first() {
+        let (tx, rx) = mailbox(2);
+        assert_eq!(tx.send([hint(1), hint(2), hint(3)]), Ok(1));
+        assert_eq!(tx.send([hint(4)]), Ok(1));
+        let mut got = vec![hint(0)];
+        rx.take(&mut got);
+        assert_eq!(got, vec![hint(0), hint(1), hint(2)]);
+        // Taken: room again.
+        assert_eq!(tx.send([hint(5)]), Ok(0));
+    }
+
+    #[test]
+    fn senders_learn_that_the_reader_is_gone() {
+        let (tx, rx) = mailbox(2);
+        drop(rx);
+        assert_eq!(tx.send([hint(1)]), Err(Gone));
+    }
+}
