@@ -421,8 +421,9 @@ impl Discovery {
             // The calls, together.
             let mut dirs: Vec<(PathBuf, Option<i64>)> =
                 to_list.iter().map(|s| (s.path.clone(), None)).collect();
-            dirs.sort();
-            dirs.dedup();
+            // By bytes: `Path`'s own order compares component by component.
+            dirs.sort_unstable_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
+            dirs.dedup_by(|a, b| a.0.as_os_str() == b.0.as_os_str());
             for (dir, cached) in &mut dirs {
                 *cached = (!full)
                     .then(|| self.listings.get(dir).map(|(m, _)| *m))
@@ -444,23 +445,39 @@ impl Discovery {
                 }
             }
             // The walk goes on with their results.
+            let mut scratch = PathBuf::new();
             for step in to_list {
                 let Some((_, items)) = self.listings.get(&step.path) else {
                     continue;
                 };
-                let comp = &self.sources[step.si].include[step.pi].comps[step.ci];
+                let comps = &self.sources[step.si].include[step.pi].comps;
+                let comp = &comps[step.ci];
+                let last = step.ci + 1 == comps.len();
+                scratch.as_mut_os_string().clear();
+                scratch.push(&step.path);
                 for (name, kind) in items {
-                    let path = step.path.join(name);
+                    let hit = matches!(comp, Comp::Glob(m) if m.is_match(name));
+                    if last && hit {
+                        // A file the tailer follows at this path is skipped (as `At::Entry`
+                        // above would) before its path is even allocated: an idle pass meets
+                        // every tracked file here.
+                        scratch.push(name);
+                        let skip = known(&scratch);
+                        scratch.pop();
+                        if skip {
+                            continue;
+                        }
+                    }
                     match comp {
-                        Comp::Glob(m) if m.is_match(name) => ready.push(Step {
-                            path,
+                        Comp::Glob(_) if hit => ready.push(Step {
+                            path: step.path.join(name),
                             at: At::Entry(Some(*kind)),
                             ..step
                         }),
                         // Into every subdirectory (`enter` checks that it is one), `**` still
                         // to match.
                         Comp::AnyDepth => ready.push(Step {
-                            path,
+                            path: step.path.join(name),
                             at: At::Into(*kind),
                             depth: step.depth + 1,
                             ..step
