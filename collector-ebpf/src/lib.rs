@@ -76,6 +76,10 @@ pub enum Attach {
     /// One `tp_btf` program on the raw `sys_exit` tracepoint, doing all the work at exit
     /// (x86_64 and arm64).
     SysExit,
+    /// Measurement only: an empty `tp_btf` program on the raw `sys_exit` tracepoint, reporting
+    /// nothing. What it costs a writer is the floor under [`Attach::SysExit`]'s cost: the
+    /// kernel's share of any syscall-tracepoint probe.
+    Floor,
 }
 
 /// Default of [`ProbeOptions::batch_window`].

@@ -53,6 +53,9 @@ const TRACEPOINTS: [(&str, &str); 10] = [
 /// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint, for [`Attach::SysExit`].
 const BTF_EXIT_ONLY: [(&str, &str); 1] = [("voltail_btf_exit_only", "sys_exit")];
 
+/// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint, for [`Attach::Floor`].
+const BTF_FLOOR: [(&str, &str); 1] = [("voltail_btf_floor", "sys_exit")];
+
 /// Program name in `probe.bpf.c` -> `tp_btf` raw tracepoint, for [`Attach::TpBtf`].
 /// Exit first, as for [`TRACEPOINTS`].
 const BTF_TRACEPOINTS: [(&str, &str); 2] = [
@@ -186,11 +189,11 @@ impl Loaded {
                 self.attach_tracepoints()?;
                 Ok(Attach::Tracepoints)
             }
-            Attach::TpBtf | Attach::SysExit => {
-                let programs: &[(&'static str, &str)] = if mode == Attach::TpBtf {
-                    &BTF_TRACEPOINTS
-                } else {
-                    &BTF_EXIT_ONLY
+            Attach::TpBtf | Attach::SysExit | Attach::Floor => {
+                let programs: &[(&'static str, &str)] = match mode {
+                    Attach::TpBtf => &BTF_TRACEPOINTS,
+                    Attach::Floor => &BTF_FLOOR,
+                    _ => &BTF_EXIT_ONLY,
                 };
                 self.attach_tp_btf(programs).map_err(|e| match e {
                     BtfFallback::Unavailable(why) => ProbeError::NoTracefs(why),

@@ -11,7 +11,9 @@
  * in `lost`. A write whose file already has an unread event from the same
  * process on the same CPU is folded into it (counted in `coalesced`): the
  * daemon reads the whole file when that event arrives, so a second event would
- * only cost ring-buffer space and wake-ups.
+ * only cost ring-buffer space and wake-ups. The default program recognises such
+ * a write by its open file and inode addresses before it reads anything else
+ * about the inode: that is the path of a process writing one line per write.
  *
  * Two attachment flavours share the same logic:
  *   - classic tracepoints syscalls/sys_{enter,exit}_{write,writev,pwrite64,pwritev,pwritev2}
@@ -100,6 +102,9 @@ struct last_emit {
 	__u64 dev;
 	__u64 ino;
 	__u64 pos;
+	/* The open file written through and its inode (tp_btf exit-only), or 0. */
+	__u64 file;
+	__u64 inode;
 	__u32 tgid;
 	__u32 valid;
 };
@@ -128,42 +133,46 @@ struct {
 } lost SEC(".maps");
 
 /*
- * The file behind `fd` of the current task, when it is a regular file on a watched device
- * and the task is not the collector. Fills `out` and returns 1, else returns 0. `btf`: called
- * from a tp_btf program (a constant, so each program keeps one branch).
+ * The open file behind `fd` of the current task, or NULL. `btf`: called from a tp_btf program
+ * (a constant, so each program keeps one branch).
  */
-static __always_inline int watched_file(unsigned long fd, struct pending *out, const bool btf)
+static __always_inline struct file *fd_file(unsigned long fd, const bool btf)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32;
-	__u32 zero = 0;
-
-	struct probe_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	if (cfg && cfg->ignore_tgid == tgid)
-		return 0;
-
 	struct fdtable *fdt;
 	if (btf) {
 		/*
 		 * tp_btf programs may load through BTF pointers directly (a fault reads as
-		 * zero): four bpf_probe_read_kernel calls fewer per write than the chain below,
+		 * zero): bpf_probe_read_kernel calls fewer per write than the chain below,
 		 * which the classic tracepoints need.
 		 */
 		struct files_struct *files = bpf_get_current_task_btf()->files;
 		if (!files)
-			return 0;
+			return NULL;
 		fdt = files->fdt;
 		if (!fdt || fd >= fdt->max_fds)
-			return 0;
+			return NULL;
 	} else {
 		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 		fdt = BPF_CORE_READ(task, files, fdt);
 		if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
-			return 0;
+			return NULL;
 	}
 	struct file **fds = btf ? fdt->fd : BPF_CORE_READ(fdt, fd);
 	struct file *file = NULL;
-	if (bpf_core_read(&file, sizeof(file), &fds[fd]) || !file)
+	if (bpf_core_read(&file, sizeof(file), &fds[fd]))
+		return NULL;
+	return file;
+}
+
+/*
+ * Whether `file` is a regular file on a watched device and `tgid` is not the collector: then
+ * fills `out` and returns 1.
+ */
+static __always_inline int watched_inode(struct file *file, __u32 tgid, struct pending *out)
+{
+	__u32 zero = 0;
+	struct probe_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (cfg && cfg->ignore_tgid == tgid)
 		return 0;
 	struct inode *inode = BPF_CORE_READ(file, f_inode);
 	if (!inode)
@@ -180,8 +189,45 @@ static __always_inline int watched_file(unsigned long fd, struct pending *out, c
 	return 1;
 }
 
-/* Sends the event for a write of `ret` > 0 bytes to `file`, or folds it into an unread one. */
-static __always_inline int emit(struct pending *file, long ret)
+/* The file behind `fd` of the current task, when watched_inode() says so (see there). */
+static __always_inline int watched_file(unsigned long fd, struct pending *out, const bool btf)
+{
+	struct file *file = fd_file(fd, btf);
+	if (!file)
+		return 0;
+	return watched_inode(file, bpf_get_current_pid_tgid() >> 32, out);
+}
+
+/*
+ * Whether this CPU's last event came from `tgid` writing to the same inode through the same
+ * open file `file`, and is still unread: then the write is folded into it. Checked before
+ * anything else about the inode is read, so a writer issuing one write per line pays for the
+ * fd lookup, one read of `f_inode` and this (three bpf_probe_read_kernel calls and a hash
+ * lookup fewer per write). Both addresses, because a closed file's `struct file` is soon
+ * reused for the next open (a process writing 300 new files one after the other gets the same
+ * one each time), while the inode of a file written a moment ago is still in memory.
+ */
+static __always_inline int folded_by_file(struct file *file, __u32 tgid)
+{
+	__u32 zero = 0;
+	struct last_emit *last = bpf_map_lookup_elem(&last_emit, &zero);
+	if (!last || !last->valid || last->file != (__u64)file || last->tgid != tgid)
+		return 0;
+	if (last->inode != (__u64)BPF_CORE_READ(file, f_inode) ||
+	    bpf_ringbuf_query(&events, BPF_RB_CONS_POS) > last->pos)
+		return 0;
+	__u64 *n = bpf_map_lookup_elem(&coalesced, &zero);
+	if (n)
+		*n += 1; /* per-CPU slot: no other writer */
+	return 1;
+}
+
+/*
+ * Sends the event for a write of `ret` > 0 bytes to `file`, or folds it into an unread one.
+ * `fptr`, `iptr`: the open file's and its inode's addresses when known (tp_btf exit-only),
+ * else 0.
+ */
+static __always_inline int emit(struct pending *file, long ret, __u64 fptr, __u64 iptr)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 zero = 0;
@@ -208,6 +254,8 @@ static __always_inline int emit(struct pending *file, long ret)
 		last->dev = file->dev;
 		last->ino = file->ino;
 		last->pos = pos;
+		last->file = fptr;
+		last->inode = iptr;
 		last->tgid = tgid;
 		last->valid = 1;
 	}
@@ -243,7 +291,7 @@ static __always_inline int on_exit(long ret)
 	p->valid = 0;
 	if (ret <= 0)
 		return 0;
-	return emit(&file, ret);
+	return emit(&file, ret, 0, 0);
 }
 
 /* Classic syscall tracepoints: one program per syscall and direction. */
@@ -363,12 +411,29 @@ int voltail_btf_exit_only(__u64 *ctx)
 	struct pt_regs *regs = (struct pt_regs *)ctx[0];
 	if (!is_write(REGS_NR(regs)))
 		return 0;
-	struct pending file = {};
-	if (!watched_file(REGS_FD(regs), &file, true))
+	struct file *f = fd_file(REGS_FD(regs), true);
+	if (!f)
 		return 0;
-	return emit(&file, ret);
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (folded_by_file(f, tgid))
+		return 0;
+	struct pending file = {};
+	if (!watched_inode(f, tgid, &file))
+		return 0;
+	return emit(&file, ret, (__u64)f, (__u64)BPF_CORE_READ(f, f_inode));
 }
 #endif
+
+/*
+ * Does nothing: what any program on the raw sys_exit tracepoint costs a syscall before it does
+ * any work (the kernel's tracing slow path and the program's dispatch). `Attach::Floor`, for
+ * the bench only: it measures the probe's cost against this floor. The daemon never attaches it.
+ */
+SEC("tp_btf/sys_exit")
+int voltail_btf_floor(__u64 *ctx)
+{
+	return 0;
+}
 
 #if defined(__TARGET_ARCH_x86)
 /*

@@ -564,3 +564,31 @@ fn page_size() -> u32 {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(page).expect("a page size fits u32")
 }
+
+/// The bench's floor: the empty program attaches where the probe does and reports nothing,
+/// while the probe itself, loaded next, reports the same kind of write.
+#[test]
+fn the_floor_program_attaches_and_reports_nothing() {
+    if can_test("the_floor_program_attaches_and_reports_nothing").is_none() {
+        return;
+    }
+    let fs = PrivateTmpfs::new();
+    let file = new_file(fs.path(), "floor.log");
+    let (ino, dev) = ino_dev(&file);
+    let mut floor = load(vec![dev], Attach::Floor);
+    assert_eq!(floor.attach_kind(), Attach::Floor);
+    let pid = run_child("pwrite", &file);
+    let (seen, _) = collect_until(&mut floor, Duration::from_millis(300), |_| false);
+    assert!(seen.is_empty(), "the empty program reported {seen:?}");
+    drop(floor);
+    let mut probe = load(vec![dev], Attach::SysExit);
+    let again = run_child("pwrite", &file);
+    let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
+        e.ino == ino && e.pid == again
+    });
+    assert!(
+        hit,
+        "the probe missed the write the floor did not report: {seen:?}"
+    );
+    assert_ne!(pid, again);
+}

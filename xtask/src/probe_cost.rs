@@ -1,5 +1,7 @@
 //! What the eBPF probe costs a writer: a W1-style writer (nginx access lines, 180-250 bytes, as
-//! fast as it can) with the probe off and on, in alternating phases of one run.
+//! fast as it can) with the probe off, with an empty program where the probe attaches (the
+//! floor: the kernel's own cost of a program on `sys_exit`), and with the probe on, in
+//! alternating phases of one run.
 //!
 //! The writer runs on the calling thread and its CPU time is that thread's
 //! (`CLOCK_THREAD_CPUTIME_ID`): the probe's programs run in the writer's syscalls, so that is
@@ -65,11 +67,15 @@ impl Totals {
     }
 }
 
-/// The probe off and on, `rounds` times each (off, on, off, on, ...), `phase` per phase.
+/// The probe off, an empty program in its place, and the probe on, `rounds` times each
+/// (off, floor, on, off, ...), `phase` per phase.
 #[derive(Debug, Clone, Copy)]
 pub struct Cost {
     /// Probe off.
     pub off: Totals,
+    /// An empty program where the probe attaches ([`voltail_ebpf::Attach::Floor`]): the
+    /// kernel's share of the cost, which any syscall-tracepoint probe pays.
+    pub floor: Totals,
     /// Probe on.
     pub on: Totals,
     /// Which attachment the probe used.
@@ -105,6 +111,7 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
     let dev = file.metadata()?.dev();
     let mut gen = LineGen::new(7);
     let mut off = Totals::default();
+    let mut floor = Totals::default();
     let mut on = Totals::default();
     let mut events = 0;
     let mut attach = voltail_ebpf::Attach::Auto;
@@ -112,6 +119,14 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
     write_phase(&file, &mut gen, style, phase / 4)?;
     for _ in 0..rounds {
         add(&mut off, write_phase(&file, &mut gen, style, phase)?);
+        let empty = Probe::load(&ProbeOptions {
+            devices: vec![dev],
+            attach: voltail_ebpf::Attach::Floor,
+            ..ProbeOptions::default()
+        })
+        .context("loading the empty program")?;
+        add(&mut floor, write_phase(&file, &mut gen, style, phase)?);
+        drop(empty);
         let probe = Probe::load(&ProbeOptions {
             devices: vec![dev],
             ..ProbeOptions::default()
@@ -127,6 +142,7 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
     let _ = std::fs::remove_file(&path);
     Ok(Cost {
         off,
+        floor,
         on,
         attach,
         events,
