@@ -189,6 +189,21 @@ fn lstat_kind(p: &Path) -> Option<Kind> {
     })
 }
 
+/// A directory's listing held between passes.
+#[derive(Debug)]
+struct Held {
+    /// The directory's mtime when listed.
+    mtime: i64,
+    /// Its entries, sorted.
+    items: Vec<(OsString, Kind)>,
+    /// The `known` generation of a pass in which every entry the last glob component matched
+    /// was a file the tailer follows: while the listing and the generation stay the same, a
+    /// pass has nothing to find here and skips the entries.
+    settled: Option<u64>,
+    /// The last pass that walked the directory (a held listing not walked is dropped).
+    pass: u64,
+}
+
 /// Finds files by glob.
 #[derive(Debug)]
 pub struct Discovery {
@@ -197,7 +212,7 @@ pub struct Discovery {
     roots: Vec<PathBuf>,
     shard: Option<Shard>,
     refused: HashSet<PathBuf>,
-    listings: HashMap<PathBuf, (i64, Vec<(OsString, Kind)>)>,
+    listings: HashMap<PathBuf, Held>,
     passes: u64,
     /// Threads a pass makes its filesystem calls on (1: one after the other).
     io_threads: usize,
@@ -328,7 +343,7 @@ impl Discovery {
 
     /// Every file the globs name now, at most once each (the first source wins).
     pub fn scan(&mut self, events: &Events) -> Vec<Candidate> {
-        self.scan_new(events, &|_| false)
+        self.scan_new(events, &|_| false, None)
     }
 
     /// Like [`Discovery::scan`], but paths for which `known` is true (files the tailer follows
@@ -341,13 +356,22 @@ impl Discovery {
     /// [`Discovery::set_io_threads`] threads, and the walk goes on with their results. A tree
     /// of 2,000 pod directories on a network volume thus costs a few rounds of overlapping
     /// round trips instead of thousands of sequential ones.
-    pub fn scan_new(&mut self, events: &Events, known: &dyn Fn(&Path) -> bool) -> Vec<Candidate> {
+    ///
+    /// `known_gen`: a number the caller changes whenever `known` may answer differently for
+    /// some path (`None`: it may change at any time). While it stays the same, a directory
+    /// whose listing did not change and whose matching entries were all known is not looked
+    /// through again, except on a full re-list.
+    pub fn scan_new(
+        &mut self,
+        events: &Events,
+        known: &dyn Fn(&Path) -> bool,
+        known_gen: Option<u64>,
+    ) -> Vec<Candidate> {
         let t = Instant::now();
         self.refresh_roots();
         self.passes += 1;
         let full = self.passes % FULL_RESCAN_EVERY == 0;
         let mut found: HashMap<PathBuf, Candidate> = HashMap::new();
-        let mut live_dirs: HashSet<PathBuf> = HashSet::new();
         // Symlinked directories entered, per include pattern (symlink loops end there).
         let mut visited: HashMap<(usize, usize), HashSet<PathBuf>> = HashMap::new();
         let mut ready: Vec<Step> = Vec::new();
@@ -378,12 +402,10 @@ impl Discovery {
                             });
                         }
                         Comp::Glob(_) => {
-                            live_dirs.insert(step.path.clone());
                             to_list.push(step);
                         }
                         Comp::AnyDepth => {
                             // `**` matches zero directories here, or descends into each one.
-                            live_dirs.insert(step.path.clone());
                             ready.push(Step::walk(
                                 si,
                                 pi,
@@ -426,7 +448,7 @@ impl Discovery {
             dirs.dedup_by(|a, b| a.0.as_os_str() == b.0.as_os_str());
             for (dir, cached) in &mut dirs {
                 *cached = (!full)
-                    .then(|| self.listings.get(dir).map(|(m, _)| *m))
+                    .then(|| self.listings.get(dir).map(|h| h.mtime))
                     .flatten();
             }
             let listed = crate::par::map(&dirs, self.io_threads, |(dir, cached)| {
@@ -438,24 +460,39 @@ impl Discovery {
                     Listing::Gone => {
                         self.listings.remove(&dir);
                     }
-                    Listing::Unchanged => {}
+                    Listing::Unchanged => {
+                        if let Some(held) = self.listings.get_mut(&dir) {
+                            held.pass = self.passes;
+                        }
+                    }
                     Listing::Read(mtime, items) => {
-                        self.listings.insert(dir, (mtime, items));
+                        let held = Held {
+                            mtime,
+                            items,
+                            settled: None,
+                            pass: self.passes,
+                        };
+                        self.listings.insert(dir, held);
                     }
                 }
             }
             // The walk goes on with their results.
             let mut scratch = PathBuf::new();
+            let mut settled: Vec<(PathBuf, Option<u64>)> = Vec::new();
             for step in to_list {
-                let Some((_, items)) = self.listings.get(&step.path) else {
+                let Some(held) = self.listings.get(&step.path) else {
                     continue;
                 };
                 let comps = &self.sources[step.si].include[step.pi].comps;
                 let comp = &comps[step.ci];
                 let last = step.ci + 1 == comps.len();
+                if last && !full && known_gen.is_some() && held.settled == known_gen {
+                    continue;
+                }
+                let mut all_known = true;
                 scratch.as_mut_os_string().clear();
                 scratch.push(&step.path);
-                for (name, kind) in items {
+                for (name, kind) in &held.items {
                     let hit = matches!(comp, Comp::Glob(m) if m.is_match(name));
                     if last && hit {
                         // A file the tailer follows at this path is skipped (as `At::Entry`
@@ -467,6 +504,7 @@ impl Discovery {
                         if skip {
                             continue;
                         }
+                        all_known = false;
                     }
                     match comp {
                         Comp::Glob(_) if hit => ready.push(Step {
@@ -485,6 +523,14 @@ impl Discovery {
                         _ => {}
                     }
                 }
+                if last {
+                    settled.push((step.path, known_gen.filter(|_| all_known)));
+                }
+            }
+            for (dir, gen) in settled {
+                if let Some(held) = self.listings.get_mut(&dir) {
+                    held.settled = gen;
+                }
             }
             for (step, kind) in to_stat.into_iter().zip(kinds) {
                 if let Some(kind) = kind {
@@ -496,7 +542,8 @@ impl Discovery {
             }
         }
         // Forget listings of directories that are gone or no longer walked.
-        self.listings.retain(|d, _| live_dirs.contains(d));
+        let pass = self.passes;
+        self.listings.retain(|_, held| held.pass == pass);
         events.discovery(t.elapsed());
         let mut found: Vec<Candidate> = found.into_values().collect();
         found.sort_by(|a, b| a.path.cmp(&b.path));
@@ -866,14 +913,70 @@ mod tests {
         )
         .expect("new");
         let known = r.join("p2/app.log");
-        let found = d.scan_new(&Events::new(), &|p| p == known);
+        let found = d.scan_new(&Events::new(), &|p| p == known, None);
         let mut got: Vec<_> = found.iter().map(|c| c.path.clone()).collect();
         got.sort();
         assert_eq!(got, vec![r.join("p1/app.log"), r.join("p3/app.log")]);
         // A known path is not even stated: a dangling "known" path is not an error either.
         std::fs::remove_file(r.join("p1/app.log")).expect("rm");
-        let found = d.scan_new(&Events::new(), &|p| p.ends_with("app.log"));
+        let found = d.scan_new(&Events::new(), &|p| p.ends_with("app.log"), None);
         assert!(found.is_empty());
+    }
+
+    #[test]
+    fn settled_directories_are_not_looked_through_until_they_or_the_known_set_change() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        for pod in ["p1", "p2"] {
+            std::fs::create_dir_all(r.join(pod)).expect("mkdir");
+            std::fs::write(r.join(pod).join("a.log"), "x\n").expect("w");
+        }
+        let mut d = Discovery::new(&[source(&[format!("{}/*/*.log", r.display())], &[])], None)
+            .expect("new");
+        // The directories whose files `known` was asked about, per pass.
+        let asked = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let pass = |d: &mut Discovery, follow_all: bool, gen: Option<u64>| {
+            asked.borrow_mut().clear();
+            let found = d.scan_new(
+                &Events::new(),
+                &|p: &Path| {
+                    let pod = p.parent().and_then(Path::file_name).expect("pod");
+                    asked
+                        .borrow_mut()
+                        .insert(pod.to_string_lossy().into_owned());
+                    follow_all || p.ends_with("a.log")
+                },
+                gen,
+            );
+            let dirs: Vec<String> = asked.borrow().iter().cloned().collect();
+            (found.into_iter().map(|c| c.path).collect::<Vec<_>>(), dirs)
+        };
+        assert_eq!(
+            pass(&mut d, true, Some(1)),
+            (vec![], vec!["p1".into(), "p2".into()])
+        );
+        assert_eq!(
+            pass(&mut d, true, Some(1)),
+            (vec![], vec![]),
+            "settled: skipped"
+        );
+        // A new file changes its directory: only that one is looked through.
+        std::fs::write(r.join("p2/b.log"), "y\n").expect("w");
+        let new = vec![r.join("p2/b.log")];
+        assert_eq!(
+            pass(&mut d, false, Some(1)),
+            (new.clone(), vec!["p2".into()])
+        );
+        // Not followed yet: p2 is not settled, and is looked through again.
+        assert_eq!(pass(&mut d, false, Some(1)), (new, vec!["p2".into()]));
+        // The known set changed: every directory is looked through.
+        assert_eq!(
+            pass(&mut d, true, Some(2)),
+            (vec![], vec!["p1".into(), "p2".into()])
+        );
+        // Without a generation nothing is skipped.
+        assert_eq!(pass(&mut d, true, None).1.len(), 2);
+        assert_eq!(pass(&mut d, true, None).1.len(), 2);
     }
 
     #[test]

@@ -194,6 +194,11 @@ pub struct Tailer {
     hints: HintReceiver,
     /// Hints taken from `hints`, kept for its allocation.
     hint_buf: Vec<Hint>,
+    /// Origin of the poll grid ([`on_grid`]).
+    epoch: Instant,
+    /// Changed whenever what [`follows`] answers may change (`by_path`, `files`, a file turned
+    /// orphan): discovery skips directories it found settled under the same number.
+    known_gen: u64,
     events: Events,
     lag: Arc<LagBoard>,
     opts: TailerOptions,
@@ -286,6 +291,8 @@ impl Tailer {
             out: p.out,
             hints: p.hints,
             hint_buf: Vec::new(),
+            epoch: now,
+            known_gen: 0,
             events: p.events,
             lag: p.lag,
             shard: p.opts.shard,
@@ -565,9 +572,11 @@ impl Tailer {
 
     fn discover(&mut self, now: Instant) {
         let (files, by_path) = (&self.files, &self.by_path);
-        let candidates = self
-            .discovery
-            .scan_new(&self.events, &|p| follows(files, by_path, p));
+        let candidates = self.discovery.scan_new(
+            &self.events,
+            &|p| follows(files, by_path, p),
+            Some(self.known_gen),
+        );
         let initial = !self.discovered_once;
         // New files are opened (open, fstat, first bytes) concurrently: on a network
         // filesystem each call is a round trip, and thousands of new pods at start-up would
@@ -631,6 +640,7 @@ impl Tailer {
                 tracing::info!(path = %path.display(), "file is back at its path; following it again");
                 f.orphan = false;
                 self.by_path.insert(path.as_os_str().to_owned(), k);
+                self.known_gen = self.known_gen.wrapping_add(1);
             }
             return;
         }
@@ -644,6 +654,7 @@ impl Tailer {
         }
         tracing::info!(from = %f.path.display(), to = %path.display(), "file renamed");
         self.by_path.remove(f.path.as_os_str());
+        self.known_gen = self.known_gen.wrapping_add(1);
         f.path = path.to_path_buf();
         f.cpath = cstring(path);
         f.cdir = cstring(path.parent().unwrap_or(path));
@@ -651,6 +662,7 @@ impl Tailer {
         f.orphan = false;
         f.meta = meta_of(&self.sources[f.source], f, &self.events);
         self.by_path.insert(path.as_os_str().to_owned(), k);
+        self.known_gen = self.known_gen.wrapping_add(1);
         self.builder.update(FileUpdate::Rename {
             key: k,
             path: path.to_string_lossy().into_owned(),
@@ -760,6 +772,7 @@ impl Tailer {
         };
         if !orphan {
             self.by_path.insert(path.into_os_string(), key);
+            self.known_gen = self.known_gen.wrapping_add(1);
         }
         self.by_ino.insert((st.dev, st.ino), key);
         self.files.insert(key, t);
@@ -1133,6 +1146,7 @@ impl Tailer {
                 if gone {
                     tracing::warn!(path = %f.path.display(), "stale file handle; releasing the file");
                     f.orphan = true;
+                    self.known_gen = self.known_gen.wrapping_add(1);
                     f.size = f.read_off;
                 } else {
                     self.failed(k, now, Op::Stat, e);
@@ -1170,7 +1184,9 @@ impl Tailer {
                 tracing::info!(path = %f.path.display(), "file rotated away or deleted; finishing it");
                 self.events.rotation();
                 f.orphan = true;
+                self.known_gen = self.known_gen.wrapping_add(1);
                 self.by_path.remove(f.path.as_os_str());
+                self.known_gen = self.known_gen.wrapping_add(1);
                 vacated.push(f.path.clone());
             }
         }
@@ -1475,7 +1491,7 @@ impl Tailer {
             } else {
                 (f.interval * 2).min(cap)
             };
-            f.next_due = now + f.interval;
+            f.next_due = on_grid(self.epoch, now, f.interval);
             self.schedule.push(Reverse((f.next_due, k)));
         } else if f.next_due <= now {
             // Still due (a backlog): again in the very next round.
@@ -1512,6 +1528,7 @@ impl Tailer {
             self.by_ino.remove(&(f.dev, f.ino));
             if self.by_path.get(f.path.as_os_str()) == Some(&k) {
                 self.by_path.remove(f.path.as_os_str());
+                self.known_gen = self.known_gen.wrapping_add(1);
             }
             self.builder.update(FileUpdate::Release { key: k });
             self.lag.remove(k);
@@ -1559,6 +1576,24 @@ impl DirStamp {
             ctime_ns: st.ctime_ns,
         })
     }
+}
+
+/// When a file polled at `now` every `interval` is polled next: the last point of a grid of
+/// `interval / 2` steps from `epoch` that is not after `now + interval`, so between half an
+/// interval and an interval from now. Idle files that reached the same interval are thus
+/// polled together, in at most two rounds per interval, instead of each at the phase it
+/// happened to go idle at: ten thousand idle files cost a few wake-ups every few seconds, not
+/// twenty a second, and a directory's stat (the rename check) serves all its files in one
+/// round.
+fn on_grid(epoch: Instant, now: Instant, interval: Duration) -> Instant {
+    let t = now + interval;
+    let step = interval / 2;
+    if step.is_zero() || t < epoch {
+        return t;
+    }
+    let off = t.duration_since(epoch).as_nanos() % step.as_nanos();
+    // `off` < `step`, which is a Duration's nanoseconds: it fits.
+    t - Duration::from_nanos(u64::try_from(off).unwrap_or(0))
 }
 
 /// The wall clock in nanoseconds since the epoch (0 before it).

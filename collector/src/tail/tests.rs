@@ -944,3 +944,31 @@ fn directory_stamps_changed_within_the_racy_window_are_not_trusted() {
         super::DirStamp::trusted(&replaced, 200_000_000_000, racy)
     );
 }
+
+#[test]
+fn idle_polls_fall_on_a_grid_of_half_intervals_within_an_interval() {
+    let epoch = Instant::now();
+    let i = Duration::from_secs(10);
+    for off_ms in [0u64, 1, 2_499, 5_000, 7_777, 9_999, 123_456] {
+        let now = epoch + Duration::from_millis(off_ms);
+        let next = super::on_grid(epoch, now, i);
+        assert!(
+            next > now + i / 2 - Duration::from_nanos(1) && next <= now + i,
+            "{off_ms}: {next:?}"
+        );
+        assert_eq!(
+            next.duration_since(epoch).as_nanos() % (i / 2).as_nanos(),
+            0,
+            "{off_ms}"
+        );
+    }
+    // Files going idle at different moments meet on the grid.
+    let a = super::on_grid(epoch, epoch + Duration::from_millis(5_100), i);
+    let b = super::on_grid(epoch, epoch + Duration::from_millis(9_900), i);
+    assert_eq!(a, b);
+    // Degenerate intervals are not aligned.
+    assert_eq!(
+        super::on_grid(epoch, epoch, Duration::from_nanos(1)),
+        epoch + Duration::from_nanos(1)
+    );
+}
