@@ -629,18 +629,26 @@ fn w2(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
         attempt(outcomes, o, |o| {
             let dir = base.join(c.name());
             let mut r = idle(ctx, c, &tree, &dir, &RunOpts::default(), o)?;
-            // Let it settle (backoff, last batch) before the window.
+            // Let the last batch go before the windows.
             std::thread::sleep(Duration::from_secs(2).min(s.w2_window));
-            let (c0, t0) = (r.proc.cpu(), Instant::now());
-            std::thread::sleep(s.w2_window);
-            r.check_alive()?;
-            let cpu = r.proc.cpu().saturating_sub(c0).as_secs_f64();
-            let wall = t0.elapsed().as_secs_f64();
+            // Two windows: right after catch-up, while the files back off (1, 2, 4, 8, 10 s)
+            // and the freshly generated directories are too young to trust their stamps; then
+            // idle, which is what the target is about.
+            let window = |r: &mut Running| -> Result<f64> {
+                let (c0, t0) = (r.proc.cpu(), Instant::now());
+                std::thread::sleep(s.w2_window);
+                r.check_alive()?;
+                let cpu = r.proc.cpu().saturating_sub(c0).as_secs_f64();
+                Ok(100.0 * cpu / t0.elapsed().as_secs_f64())
+            };
+            let settling = window(&mut r)?;
+            let idle = window(&mut r)?;
             let (rss, hwm) = r.proc.mem();
             let voltail = r.is_voltail();
+            o.measure("CPU, first window after catch-up", settling, "% core", None);
             o.measure(
                 "CPU",
-                100.0 * cpu / wall,
+                idle,
                 "% core",
                 if voltail { Target::at_most(0.5) } else { None },
             );
@@ -652,7 +660,8 @@ fn w2(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
             );
             o.measure("peak RSS", hwm as f64 / 1024.0, "MiB", None);
             o.notes.push(format!(
-                "{} files in {} dirs, {} lines; window {:?}",
+                "{} files in {} dirs, {} lines; two windows of {:?} from 2 s after catch-up: \
+                 CPU is the second (idle: every file backed off), RSS at its end",
                 tree.rel.len(),
                 s.w2_dirs,
                 tree.total_lines(),

@@ -283,14 +283,18 @@ impl Report {
              inside the bench process (its CPU is not counted), which stores the bodies; every line is \
              then decoded and checked as for the file sink.\n\
              - **W2 idle**: 10,000 files in 2,000 pod directories; once caught up, CPU (% of one core) \
-             and RSS over 30 s.\n\
+             over two 30 s windows from 2 s after catch-up: the first while the files back off to \
+             `max_poll_interval` (reported, no target), the second idle (the target); RSS at the end.\n\
              - **W3 steady**: 1,000 files each appended 10 lines/s for 60 s by a writer pool; each line \
              carries its write time; latency is when the event appears in the sink's NDJSON output minus \
-             that time (poll interval 1 s). **W3 probe**: the same with the eBPF probe on, every poll \
-             interval at 10 s and a 5 ms batch linger, so the latency is the probe's (the writers are \
-             local); its CPU target is W3's CPU without the probe. **Probe cost**: one writer thread \
-             writing nginx lines as fast as it can, one `write` per line or 64 KiB writes, probe off and \
-             on in alternating phases (3 x 5 s each); the writer thread's CPU per line.\n\
+             that time, read by a follower polling the sink every 1 ms (poll interval 1 s). **W3 \
+             probe**: the same with the eBPF probe on, every poll interval at 10 s and a 10 ms batch \
+             linger, so the latency is the probe's (the writers are local); its CPU target is W3's CPU \
+             without the probe. Beside it, the probe off with every poll at 10 ms: what that latency \
+             costs by polling. **Probe cost**: one writer thread writing nginx lines as fast as it can, \
+             one `write` per line or 64 KiB writes, in alternating phases (3 x 5 s each) with the probe \
+             off, an empty program where the probe attaches (the kernel's floor), and the probe on; the \
+             writer thread's CPU per line.\n\
              - **W4 slow NAS**: W2 and W3 read through the FUSE stand-in (`cargo xtask slownas`), \
              io_uring and pread side by side; the writers append to the source directory (pods on \
              other nodes) while voltail reads the mount. The round is measured from the filesystem's \
