@@ -216,6 +216,9 @@ pub struct Discovery {
     passes: u64,
     /// Threads a pass makes its filesystem calls on (1: one after the other).
     io_threads: usize,
+    /// Directories whose held listing was read again because their mtime changed, since the
+    /// last [`Discovery::take_changed_dirs`].
+    changed_dirs: Vec<PathBuf>,
 }
 
 fn has_meta(s: &str) -> bool {
@@ -305,6 +308,7 @@ impl Discovery {
             listings: HashMap::new(),
             passes: 0,
             io_threads: 1,
+            changed_dirs: Vec::new(),
         };
         d.refresh_roots();
         Ok(d)
@@ -466,6 +470,9 @@ impl Discovery {
                         }
                     }
                     Listing::Read(mtime, items) => {
+                        if self.listings.contains_key(&dir) {
+                            self.changed_dirs.push(dir.clone());
+                        }
                         let held = Held {
                             mtime,
                             items,
@@ -579,6 +586,20 @@ impl Discovery {
         }
         self.descends(&step.path, kind, events, entered)
             .then(|| Step::walk(step.si, step.pi, step.path, step.ci + 1, step.depth + 1))
+    }
+
+    /// Directories listed before whose listing changed (an entry created, removed or renamed)
+    /// since the last call. The tailer checks what the paths it follows there name: a pass
+    /// skips those paths, so a file renamed away and replaced would otherwise leave its
+    /// successor unseen until the tailer's own check.
+    pub fn take_changed_dirs(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.changed_dirs)
+    }
+
+    /// Whether passes list `dir` (a glob component is matched in it), so that a change to its
+    /// entries shows in [`Discovery::take_changed_dirs`].
+    pub fn lists(&self, dir: &Path) -> bool {
+        self.listings.contains_key(dir)
     }
 
     /// Whether source `source` excludes `path`.

@@ -582,6 +582,23 @@ impl Tailer {
         // filesystem each call is a round trip, and thousands of new pods at start-up would
         // otherwise cost thousands of sequential round trips before the first read.
         // (`scan_new` already left out the paths the tailer follows.)
+        // A followed path in a directory whose entries changed may name another file now:
+        // those files are polled, and their paths checked, in the round right after this
+        // pass, so a successor is found at discovery's pace like any new file.
+        let changed = self.discovery.take_changed_dirs();
+        if !changed.is_empty() {
+            let dirs: std::collections::HashSet<&[u8]> =
+                changed.iter().map(|d| d.as_os_str().as_bytes()).collect();
+            for (k, f) in self.files.iter_mut() {
+                if !f.orphan && dirs.contains(f.cdir.to_bytes()) {
+                    f.next_path_check = now;
+                    if f.next_due > now {
+                        f.next_due = now;
+                        self.schedule.push(Reverse((now, *k)));
+                    }
+                }
+            }
+        }
         let fresh: Vec<Candidate> = candidates
             .into_iter()
             .filter(|c| !self.failed_opens.contains_key(&c.path))
@@ -1007,19 +1024,22 @@ impl Tailer {
     /// changed:
     /// - in the round a live file stops growing after it grew since its path was last checked
     ///   (a writer that moved on to a new file at the path leaves the old one still);
-    /// - at every poll of a file that has not grown since its path was last checked, and
-    ///   every `discover_interval` for one that keeps growing; and then only if the file's
-    ///   directory changed: a rename, creation or removal in a directory changes its mtime and
-    ///   ctime, so while its stamp is the one taken before the path last named the file, it
-    ///   still does. One stat per directory and round, not one path lookup per file. Stamps
+    /// - in the round after a discovery pass found the file's directory's entries changed;
+    /// - at every poll of a file that has not grown since its path was last checked, if
+    ///   discovery does not list its directory, and every `discover_interval` otherwise; then
+    ///   only if the file's directory changed: a rename, creation or removal in a directory
+    ///   changes its mtime and ctime, so while its stamp is the one taken before the path last
+    ///   named the file, it still does. One stat per directory and round, not one path lookup
+    ///   per file. Stamps
     ///   fresher than [`RACY`] are not trusted (a second change within a coarse timestamp's
     ///   granule would not show), and paths are checked regardless every
     ///   [`PATH_RECHECK_EVERY`] intervals, for filesystems that do not keep directory times.
     ///
-    /// Why an idle file's directory is stated at every poll and not at discovery's pace: until
-    /// the rename of a file the tailer follows is noticed, discovery does not look at its path
-    /// (see `Discovery::scan_new`), so a new file there stays unseen; if that one is rotated
-    /// away too before the next check, it is never read (the model test found this).
+    /// Why: until the rename of a file the tailer follows is noticed, discovery does not look
+    /// at its path (see `Discovery::scan_new`), so a new file there stays unseen; if that one
+    /// is rotated away too before the next check, it is never read (the model test found
+    /// this). Where discovery lists the directory, it reports the change at its own pace, as
+    /// for any new file; where it does not, the directory's stat at each poll does.
     ///
     /// Orphans (rotated away, deleted) are stated through their descriptor only.
     fn stat_chunk(
@@ -1031,7 +1051,14 @@ impl Tailer {
             .iter()
             .map(|k| {
                 let f = &self.files[k];
-                !f.orphan && (now >= f.next_path_check || f.size == f.path_checked_size)
+                // An idle file in a directory discovery does not list (the glob names the
+                // file literally): its directory is stated at every poll, since no pass
+                // reports a change there.
+                let unwatched_idle = f.size == f.path_checked_size
+                    && !self
+                        .discovery
+                        .lists(Path::new(std::ffi::OsStr::from_bytes(f.cdir.to_bytes())));
+                !f.orphan && (now >= f.next_path_check || unwatched_idle)
             })
             .collect();
         let mut dirs: Vec<&CStr> = chunk

@@ -89,6 +89,8 @@ struct Harness {
     paths: Arc<std::sync::atomic::AtomicU64>,
     dirs: Arc<std::sync::atomic::AtomicU64>,
     backend: usize,
+    /// The include glob under the root.
+    glob: &'static str,
     extra: String,
     tailer: Option<Tailer>,
     rx: Option<Receiver<Batch>>,
@@ -107,6 +109,14 @@ impl Harness {
         Harness::on(root, extra, 0)
     }
 
+    /// A harness whose glob is `glob` under the root (`*/app.log` otherwise).
+    fn globbed(root: &Path, glob: &'static str, extra: &str) -> Harness {
+        let mut h = Harness::on(root, extra, 0);
+        h.glob = glob;
+        h.start();
+        h
+    }
+
     fn on(root: &Path, extra: &str, backend: usize) -> Harness {
         let mut h = Harness {
             root: root.to_path_buf(),
@@ -114,6 +124,7 @@ impl Harness {
             paths: Arc::default(),
             dirs: Arc::default(),
             backend,
+            glob: "*/app.log",
             extra: extra.to_string(),
             tailer: None,
             rx: None,
@@ -136,9 +147,10 @@ impl Harness {
             "max_poll_interval = \"1s\"\n"
         };
         let src: SourceConfig = toml::from_str(&format!(
-            "name = \"t\"\ninclude = [\"{}/*/app.log\"]\npoll_interval = \"1s\"\n{max_poll}\
+            "name = \"t\"\ninclude = [\"{}/{}\"]\npoll_interval = \"1s\"\n{max_poll}\
              rotate_wait = \"1s\"\nflush_partial_after = \"3s\"\n{}",
             self.root.display(),
+            self.glob,
             self.extra
         ))
         .expect("source");
@@ -258,6 +270,46 @@ fn append(p: &Path, text: &str) {
         .expect("open")
         .write_all(text.as_bytes())
         .expect("write");
+}
+
+/// Where discovery lists a directory (`*/*.log`), an idle file's directory is not stated at
+/// every poll: the pass that finds the directory's entries changed has the followed paths
+/// there checked in the round right after it, so a file that replaced a renamed idle one is
+/// found at once, and read even if it is rotated away in turn before the next step.
+#[test]
+fn a_listed_directory_that_changed_has_its_followed_paths_checked_at_once() {
+    let d = tempfile::tempdir().expect("tmp");
+    for i in 0..10 {
+        append(&d.path().join(format!("pod{i}/app.log")), "line\n");
+    }
+    let mut h = Harness::globbed(d.path(), "*/*.log", "discover_interval = \"5s\"\n");
+    h.tailer.as_mut().expect("t").racy = Duration::ZERO;
+    for _ in 0..4 {
+        h.step(true);
+    }
+    let dirs = |h: &Harness| h.dirs.load(std::sync::atomic::Ordering::Relaxed);
+    let before = dirs(&h);
+    for _ in 0..10 {
+        h.step(true);
+    }
+    assert!(
+        dirs(&h) - before <= 10 * 3,
+        "{} directory stats in 10 polls of 10 idle files: not one per poll",
+        dirs(&h) - before
+    );
+    let log = d.path().join("pod3/app.log");
+    std::fs::rename(&log, d.path().join("pod3/app.old")).expect("rotate");
+    append(&log, "successor\n");
+    h.step(true);
+    // The successor is rotated away in turn: it was found in the step above, so it is read.
+    std::fs::rename(&log, d.path().join("pod3/app.old2")).expect("rotate again");
+    h.step(true);
+    h.step(true);
+    assert_eq!(
+        h.messages().last().map(String::as_str),
+        Some("successor"),
+        "the successor was found in the step after the rename"
+    );
 }
 
 /// Writer tags: a hint naming a writer tags the file's events from the next read on, and a
