@@ -819,40 +819,38 @@ fn steady(
 }
 
 fn w3(ctx: &Ctx, outcomes: &mut Vec<Outcome>) -> Result<()> {
-    let s = ctx.sizes;
     let base = ctx.fresh("w3")?;
     for c in &ctx.collectors {
         let o = Outcome::new("W3", "steady", c.name());
         attempt(outcomes, o, |o| {
-            // Seed lines so each file is past its fingerprint before the clock starts.
-            let mut tree = Tree::create(
-                &base.join(format!("root-{}", c.name())),
-                s.w3_files,
-                1,
-                600,
-                3,
-            )?;
-            let dir = base.join(c.name());
-            let root = tree.root.clone();
             let targets = (Some(5.0), Some(ctx.args.poll_interval.as_secs_f64() + 0.1));
-            let r = steady(
-                ctx,
-                c,
-                &mut tree,
-                &root,
-                &dir,
-                &RunOpts::default(),
-                s.w3_time,
-                targets,
-                o,
-            );
-            ctx.cleanup(&dir);
-            r
+            steady_fresh(ctx, c, &base, c.name(), &RunOpts::default(), targets, o)
         });
     }
     w3_probe(ctx, &base, outcomes)?;
     ctx.cleanup(&base);
     Ok(())
+}
+
+/// [`steady`] on a W3 tree of its own (`root-NAME` under `base`), the collector's files in
+/// `base/NAME`. The tree's files get seed lines, so each is past its fingerprint before the
+/// clock starts.
+fn steady_fresh(
+    ctx: &Ctx,
+    c: &Collector,
+    base: &Path,
+    name: &str,
+    opts: &RunOpts,
+    targets: (Option<f64>, Option<f64>),
+    o: &mut Outcome,
+) -> Result<()> {
+    let s = ctx.sizes;
+    let mut tree = Tree::create(&base.join(format!("root-{name}")), s.w3_files, 1, 600, 3)?;
+    let dir = base.join(name);
+    let root = tree.root.clone();
+    let r = steady(ctx, c, &mut tree, &root, &dir, opts, s.w3_time, targets, o);
+    ctx.cleanup(&dir);
+    r
 }
 
 /// Every poll interval of W3's probe variant: so long that the latency is the probe's.
@@ -867,7 +865,6 @@ const PROBE_LINGER: Duration = Duration::from_millis(10);
 /// line and 64 KiB writes. Where the probe cannot load it says why and skips, except under
 /// `CI=true`, where that fails the bench.
 fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
-    let s = ctx.sizes;
     let c = &ctx.collectors[0];
     if let Some(why) = crate::probe_cost::unavailable() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -887,30 +884,23 @@ fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
         .and_then(|o| o.measures.iter().find(|m| m.name == "CPU"))
         .map_or(5.0, |m| m.value);
     let o = Outcome::new("W3", "steady, probe on, polls 10 s, linger 10 ms", c.name());
+    let opts = RunOpts {
+        poll_interval: Some(PROBE_POLLS),
+        max_poll_interval: Some(PROBE_POLLS),
+        probe_poll_interval: Some(PROBE_POLLS),
+        linger: Some(PROBE_LINGER),
+        ..RunOpts::default()
+    };
     attempt(outcomes, o, |o| {
-        let mut tree = Tree::create(&base.join("root-probe"), s.w3_files, 1, 600, 3)?;
-        let dir = base.join("voltail-probe");
-        let root = tree.root.clone();
-        let opts = RunOpts {
-            poll_interval: Some(PROBE_POLLS),
-            max_poll_interval: Some(PROBE_POLLS),
-            probe_poll_interval: Some(PROBE_POLLS),
-            linger: Some(PROBE_LINGER),
-            ..RunOpts::default()
-        };
-        let r = steady(
+        steady_fresh(
             ctx,
             c,
-            &mut tree,
-            &root,
-            &dir,
+            base,
+            "voltail-probe",
             &opts,
-            s.w3_time,
             (Some(cpu_without), Some(0.020)),
             o,
-        );
-        ctx.cleanup(&dir);
-        r
+        )
     });
     // What the probe row's latency costs without the probe: every file polled as often as
     // a 20 ms p99 needs. No target; it shows what the probe buys.
@@ -919,29 +909,14 @@ fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
         "steady, probe off, polls 10 ms, linger 10 ms",
         c.name(),
     );
+    let opts = RunOpts {
+        poll_interval: Some(FAST_POLLS),
+        max_poll_interval: Some(FAST_POLLS),
+        linger: Some(PROBE_LINGER),
+        ..RunOpts::default()
+    };
     attempt(outcomes, o, |o| {
-        let mut tree = Tree::create(&base.join("root-fastpoll"), s.w3_files, 1, 600, 3)?;
-        let dir = base.join("voltail-fastpoll");
-        let root = tree.root.clone();
-        let opts = RunOpts {
-            poll_interval: Some(FAST_POLLS),
-            max_poll_interval: Some(FAST_POLLS),
-            linger: Some(PROBE_LINGER),
-            ..RunOpts::default()
-        };
-        let r = steady(
-            ctx,
-            c,
-            &mut tree,
-            &root,
-            &dir,
-            &opts,
-            s.w3_time,
-            (None, None),
-            o,
-        );
-        ctx.cleanup(&dir);
-        r
+        steady_fresh(ctx, c, base, "voltail-fastpoll", &opts, (None, None), o)
     });
     let (phase, rounds) = if ctx.args.quick {
         (Duration::from_millis(500), 1)
