@@ -10,7 +10,7 @@
 //!
 //! A full mailbox drops the hint (the sender counts it): the safety poll reads the file anyway.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ struct Shared {
     capacity: usize,
     /// The receiver was dropped: senders stop.
     gone: AtomicBool,
+    /// Live senders. With none (no probe) the reader sleeps instead of waiting on the
+    /// condition variable (see [`HintReceiver::wait`]).
+    senders: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -47,6 +50,7 @@ pub fn mailbox(capacity: usize) -> (HintSender, HintReceiver) {
         ready: Condvar::new(),
         capacity: capacity.max(1),
         gone: AtomicBool::new(false),
+        senders: AtomicUsize::new(1),
     });
     (
         HintSender {
@@ -57,9 +61,25 @@ pub fn mailbox(capacity: usize) -> (HintSender, HintReceiver) {
 }
 
 /// The probe's end.
-#[derive(Clone)]
 pub struct HintSender {
     shared: Arc<Shared>,
+}
+
+impl Clone for HintSender {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::SeqCst);
+        HintSender {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for HintSender {
+    fn drop(&mut self) {
+        self.shared.senders.fetch_sub(1, Ordering::SeqCst);
+        // A reader waiting for hints that can no longer come goes back to plain sleeps.
+        self.shared.ready.notify_all();
+    }
 }
 
 impl std::fmt::Debug for HintSender {
@@ -126,7 +146,17 @@ impl HintReceiver {
 
     /// Moves the waiting hints to `out`; when there are none, first sleeps until some are
     /// posted or `timeout` passes.
+    ///
+    /// Without a live sender (no probe) this is `std::thread::sleep`, a relative sleep. The
+    /// condition variable's timed wait is an absolute deadline on `CLOCK_MONOTONIC` computed
+    /// in user space: under a faked clock (libfaketime, `faults::monotonic_clock_jumps_*`) a
+    /// day's jump made it a day-long wait, and the reader never woke.
     pub fn wait(&self, timeout: Duration, out: &mut Vec<Hint>) {
+        if self.shared.senders.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(timeout);
+            self.take(out);
+            return;
+        }
         let mut st = self.shared.lock();
         if st.hints.is_empty() {
             st.sleeping = true;
@@ -205,6 +235,18 @@ mod tests {
         assert_eq!(got, vec![hint(0), hint(1), hint(2)]);
         // Taken: room again.
         assert_eq!(tx.send([hint(5)]), Ok(0));
+    }
+
+    #[test]
+    fn without_senders_waiting_is_a_plain_sleep() {
+        let (tx, rx) = mailbox(4);
+        drop(tx);
+        let mut got = Vec::new();
+        let started = Instant::now();
+        rx.wait(Duration::from_millis(20), &mut got);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert!(got.is_empty());
+        assert_eq!(rx.shared.senders.load(Ordering::SeqCst), 0);
     }
 
     #[test]
