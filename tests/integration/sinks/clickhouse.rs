@@ -379,6 +379,15 @@ endpoint = "{endpoint}"
         || count("SELECT uniqExact(id) FROM logs") >= want,
         &log,
     );
+    // The first run may have shipped every row before it was killed: then the rows are all
+    // there at once, and a SIGTERM sent before the second run installed its handlers would
+    // kill it outright. Wait until it is collecting.
+    wait_for(
+        "the second run collecting",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&log).is_ok_and(|l| l.matches("collecting").count() >= 2),
+        &log,
+    );
     v.signal(libc::SIGTERM);
     assert!(v.wait(Duration::from_secs(30)).expect("exits").success());
     assert_eq!(count("SELECT count() FROM logs FINAL"), want);
