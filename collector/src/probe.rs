@@ -214,7 +214,7 @@ fn drain(
                 return;
             };
             if dropped > 0 {
-                tracing::trace!(dropped, "hint channel full, hints dropped");
+                tracing::trace!(dropped, "hint mailbox full, hints dropped");
                 for _ in 0..dropped {
                     metrics.hint_dropped();
                 }

@@ -136,12 +136,7 @@ impl std::fmt::Debug for HintReceiver {
 impl HintReceiver {
     /// Moves the waiting hints to `out` without blocking.
     pub fn take(&self, out: &mut Vec<Hint>) {
-        let mut st = self.shared.lock();
-        if out.is_empty() {
-            std::mem::swap(out, &mut st.hints);
-        } else {
-            out.append(&mut st.hints);
-        }
+        move_into(&mut self.shared.lock(), out);
     }
 
     /// Moves the waiting hints to `out`; when there are none, first sleeps until some are
@@ -170,11 +165,16 @@ impl HintReceiver {
             };
             st.sleeping = false;
         }
-        if out.is_empty() {
-            std::mem::swap(out, &mut st.hints);
-        } else {
-            out.append(&mut st.hints);
-        }
+        move_into(&mut st, out);
+    }
+}
+
+/// Moves the waiting hints to `out` (by swapping buffers when `out` is empty).
+fn move_into(st: &mut State, out: &mut Vec<Hint>) {
+    if out.is_empty() {
+        std::mem::swap(out, &mut st.hints);
+    } else {
+        out.append(&mut st.hints);
     }
 }
 

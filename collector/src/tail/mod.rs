@@ -196,9 +196,6 @@ pub struct Tailer {
     hint_buf: Vec<Hint>,
     /// Origin of the poll grid ([`on_grid`]).
     epoch: Instant,
-    /// Changed whenever what [`follows`] answers may change (`by_path`, `files`, a file turned
-    /// orphan): discovery skips directories it found settled under the same number.
-    known_gen: u64,
     events: Events,
     lag: Arc<LagBoard>,
     opts: TailerOptions,
@@ -209,7 +206,7 @@ pub struct Tailer {
     /// time passed without the file being due are stale and skipped, so a round costs
     /// O(due files x log files), not a scan of every tracked file (10,000 idle files).
     schedule: BinaryHeap<Reverse<(Instant, FileKey)>>,
-    by_path: PathMap,
+    by_path: Followed,
     by_ino: FastMap<(u64, u64), FileKey>,
     /// Directory stamps changed this recently are not trusted ([`RACY`]; tests lower it).
     racy: Duration,
@@ -292,14 +289,13 @@ impl Tailer {
             hints: p.hints,
             hint_buf: Vec::new(),
             epoch: now,
-            known_gen: 0,
             events: p.events,
             lag: p.lag,
             shard: p.opts.shard,
             opts: p.opts,
             files: FastMap::default(),
             schedule: BinaryHeap::new(),
-            by_path: PathMap::default(),
+            by_path: Followed::default(),
             racy: RACY,
             by_ino: FastMap::default(),
             restore,
@@ -575,13 +571,9 @@ impl Tailer {
         let candidates = self.discovery.scan_new(
             &self.events,
             &|p| follows(files, by_path, p),
-            Some(self.known_gen),
+            Some(self.by_path.gen),
         );
         let initial = !self.discovered_once;
-        // New files are opened (open, fstat, first bytes) concurrently: on a network
-        // filesystem each call is a round trip, and thousands of new pods at start-up would
-        // otherwise cost thousands of sequential round trips before the first read.
-        // (`scan_new` already left out the paths the tailer follows.)
         // A followed path in a directory whose entries changed may name another file now:
         // those files are polled, and their paths checked, in the round right after this
         // pass, so a successor is found at discovery's pace like any new file.
@@ -599,6 +591,10 @@ impl Tailer {
                 }
             }
         }
+        // New files are opened (open, fstat, first bytes) concurrently: on a network
+        // filesystem each call is a round trip, and thousands of new pods at start-up would
+        // otherwise cost thousands of sequential round trips before the first read.
+        // (`scan_new` already left out the paths the tailer follows.)
         let fresh: Vec<Candidate> = candidates
             .into_iter()
             .filter(|c| !self.failed_opens.contains_key(&c.path))
@@ -657,7 +653,6 @@ impl Tailer {
                 tracing::info!(path = %path.display(), "file is back at its path; following it again");
                 f.orphan = false;
                 self.by_path.insert(path.as_os_str().to_owned(), k);
-                self.known_gen = self.known_gen.wrapping_add(1);
             }
             return;
         }
@@ -671,7 +666,6 @@ impl Tailer {
         }
         tracing::info!(from = %f.path.display(), to = %path.display(), "file renamed");
         self.by_path.remove(f.path.as_os_str());
-        self.known_gen = self.known_gen.wrapping_add(1);
         f.path = path.to_path_buf();
         f.cpath = cstring(path);
         f.cdir = cstring(path.parent().unwrap_or(path));
@@ -679,7 +673,6 @@ impl Tailer {
         f.orphan = false;
         f.meta = meta_of(&self.sources[f.source], f, &self.events);
         self.by_path.insert(path.as_os_str().to_owned(), k);
-        self.known_gen = self.known_gen.wrapping_add(1);
         self.builder.update(FileUpdate::Rename {
             key: k,
             path: path.to_string_lossy().into_owned(),
@@ -789,7 +782,6 @@ impl Tailer {
         };
         if !orphan {
             self.by_path.insert(path.into_os_string(), key);
-            self.known_gen = self.known_gen.wrapping_add(1);
         }
         self.by_ino.insert((st.dev, st.ino), key);
         self.files.insert(key, t);
@@ -1053,12 +1045,13 @@ impl Tailer {
                 let f = &self.files[k];
                 // An idle file in a directory discovery does not list (the glob names the
                 // file literally): its directory is stated at every poll, since no pass
-                // reports a change there.
-                let unwatched_idle = f.size == f.path_checked_size
-                    && !self
-                        .discovery
-                        .lists(Path::new(std::ffi::OsStr::from_bytes(f.cdir.to_bytes())));
-                !f.orphan && (now >= f.next_path_check || unwatched_idle)
+                // reports a change there. (The lookup last: this runs per file and poll.)
+                !f.orphan
+                    && (now >= f.next_path_check
+                        || (f.size == f.path_checked_size
+                            && !self
+                                .discovery
+                                .lists(Path::new(std::ffi::OsStr::from_bytes(f.cdir.to_bytes())))))
             })
             .collect();
         let mut dirs: Vec<&CStr> = chunk
@@ -1173,7 +1166,7 @@ impl Tailer {
                 if gone {
                     tracing::warn!(path = %f.path.display(), "stale file handle; releasing the file");
                     f.orphan = true;
-                    self.known_gen = self.known_gen.wrapping_add(1);
+                    self.by_path.changed();
                     f.size = f.read_off;
                 } else {
                     self.failed(k, now, Op::Stat, e);
@@ -1211,9 +1204,7 @@ impl Tailer {
                 tracing::info!(path = %f.path.display(), "file rotated away or deleted; finishing it");
                 self.events.rotation();
                 f.orphan = true;
-                self.known_gen = self.known_gen.wrapping_add(1);
                 self.by_path.remove(f.path.as_os_str());
-                self.known_gen = self.known_gen.wrapping_add(1);
                 vacated.push(f.path.clone());
             }
         }
@@ -1555,7 +1546,6 @@ impl Tailer {
             self.by_ino.remove(&(f.dev, f.ino));
             if self.by_path.get(f.path.as_os_str()) == Some(&k) {
                 self.by_path.remove(f.path.as_os_str());
-                self.known_gen = self.known_gen.wrapping_add(1);
             }
             self.builder.update(FileUpdate::Release { key: k });
             self.lag.remove(k);
@@ -1643,8 +1633,40 @@ type PathMap = HashMap<std::ffi::OsString, FileKey, xxhash_rust::xxh3::Xxh3Defau
 /// attacker's.
 type FastMap<K, V> = HashMap<K, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
 
+/// Tracked files by path, with a generation that changes whenever what [`follows`] answers
+/// may change: a path added or removed here, or a followed file turned orphan
+/// ([`Followed::changed`]). Discovery skips a directory it found settled under the same
+/// generation.
+#[derive(Debug, Default)]
+struct Followed {
+    paths: PathMap,
+    gen: u64,
+}
+
+impl Followed {
+    fn get(&self, path: &std::ffi::OsStr) -> Option<&FileKey> {
+        self.paths.get(path)
+    }
+
+    fn insert(&mut self, path: std::ffi::OsString, k: FileKey) {
+        self.paths.insert(path, k);
+        self.changed();
+    }
+
+    fn remove(&mut self, path: &std::ffi::OsStr) {
+        if self.paths.remove(path).is_some() {
+            self.changed();
+        }
+    }
+
+    /// Something else [`follows`] reads changed (a file turned orphan).
+    fn changed(&mut self) {
+        self.gen = self.gen.wrapping_add(1);
+    }
+}
+
 /// Whether the tailer follows a live (not orphaned) file at `path`.
-fn follows(files: &FastMap<FileKey, Tracked>, by_path: &PathMap, path: &Path) -> bool {
+fn follows(files: &FastMap<FileKey, Tracked>, by_path: &Followed, path: &Path) -> bool {
     by_path
         .get(path.as_os_str())
         .and_then(|k| files.get(k))
