@@ -83,7 +83,7 @@ pub enum Attach {
 }
 
 /// Default of [`ProbeOptions::batch_window`].
-pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(10);
 
 /// Default of [`ProbeOptions::ring_bytes`]: 1 MiB, about 21,000 unread events.
 pub const DEFAULT_RING_BYTES: u32 = 1 << 20;

@@ -145,6 +145,11 @@ pub struct Config {
     /// Safety poll interval while the probe runs (it sees only local writers).
     #[serde(default = "defaults::probe_poll_interval")]
     pub probe_poll_interval: Dur,
+    /// How long the probe gathers write events before it hands them to the reader: the
+    /// reader wakes at most once per window under a steady write load, and a local write is
+    /// read up to this much later (a write after a quiet spell is read at once).
+    #[serde(default = "defaults::probe_batch_window")]
+    pub probe_batch_window: Dur,
     /// Tag each file's events with the cgroup (`writer_cgroup`) and container id
     /// (`container_id`) of the process on this node that last wrote it, as the probe saw it.
     #[serde(default)]
@@ -363,6 +368,9 @@ mod defaults {
     pub fn probe_poll_interval() -> Dur {
         Dur(Duration::from_secs(10))
     }
+    pub fn probe_batch_window() -> Dur {
+        Dur(voltail_ebpf::DEFAULT_BATCH_WINDOW)
+    }
     pub fn metrics_address() -> Spanned<String> {
         Spanned::new(0..0, "0.0.0.0:9464".to_string())
     }
@@ -548,6 +556,14 @@ impl Config {
                 0,
                 "probe_writer_tags",
                 "needs the probe: probe = \"auto\" or \"on\"",
+            ));
+        }
+        if self.probe_batch_window.0 > Duration::from_millis(100) {
+            return Err(at(
+                "",
+                0,
+                "probe_batch_window",
+                "must be at most 100ms (it adds to the latency of every local write)",
             ));
         }
         if self.checkpoint_interval.0.is_zero() {
@@ -845,6 +861,23 @@ path = "/tmp/out"
             .to_string();
         assert!(
             e.starts_with("test.toml:4: probe_writer_tags: needs the probe"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_probe_batch_window_is_bounded() {
+        assert_eq!(
+            parse(GOOD).expect("good").probe_batch_window.0,
+            Duration::from_millis(10)
+        );
+        let set = GOOD.replace("[metrics]", "probe_batch_window = \"0ms\"\n[metrics]");
+        assert!(parse(&set).expect("zero").probe_batch_window.0.is_zero());
+        let e = parse(&set.replace("\"0ms\"", "\"1s\""))
+            .expect_err("a second")
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:") && e.contains("probe_batch_window: must be at most 100ms"),
             "{e}"
         );
     }

@@ -5,6 +5,7 @@
 //!  discover/poll/read/frame  ->  zstd, one frame/batch  ->  sink.send, acks -> checkpoint
 //!        bounded queue (crossbeam)        bounded queue
 //! ```
+//! Without compression there is no compressor thread: the reader's queue is the uploader's.
 //! Start-up: metrics endpoint, then the `data_dir` lock (waiting while another instance holds
 //! it), the checkpoint, the sink's recovery to the checkpointed cursor, the read backend. On
 //! SIGTERM/SIGINT the reader stops reading and hands on its open batch; the queues drain; the
@@ -196,6 +197,7 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         cfg.probe,
         devices,
         cfg.probe_writer_tags,
+        cfg.probe_batch_window.0,
         hint_tx,
         Arc::clone(&ctx.stop),
     )?;
@@ -207,26 +209,23 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     let lag = Arc::new(LagBoard::default());
 
     let (kind, level) = cfg.sink().compression();
-    let gu = Arc::clone(&give_up);
-    let compressor = std::thread::Builder::new()
-        .name("voltail-compress".into())
-        .spawn(move || {
-            let mut c = Compressor::new(kind, level);
-            while let Ok(mut b) = raw_rx.recv() {
-                if let Err(e) = c.compress(&mut b) {
-                    tracing::error!(error = %e, "compression failed; the sink gets the batch uncompressed");
-                }
-                let mut b = b;
-                loop {
-                    match ready_tx.send_timeout(b, Duration::from_millis(100)) {
-                        Ok(()) => break,
-                        Err(SendTimeoutError::Timeout(back)) if !gu.load(Ordering::Relaxed) => b = back,
-                        Err(_) => return,
-                    }
-                }
-            }
-        })
-        .map_err(DaemonError::Thread)?;
+    // Without compression the stage would only pass batches on, at a thread switch per
+    // batch: the reader hands them to the uploader itself.
+    let (reader_tx, compressor) = if kind == crate::config::Compression::None {
+        drop(raw_rx);
+        (ready_tx, None)
+    } else {
+        (
+            raw_tx,
+            Some(spawn_compressor(
+                kind,
+                level,
+                raw_rx,
+                ready_tx,
+                Arc::clone(&give_up),
+            )?),
+        )
+    };
 
     let uploader = Uploader::new(
         lanes,
@@ -258,7 +257,7 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         discovery,
         backend,
         builder: BatchBuilder::new(limits, crate::sink::encoder(cfg.sink())),
-        out: raw_tx,
+        out: reader_tx,
         hints: hint_rx,
         events: events.clone(),
         lag,
@@ -313,7 +312,9 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     if let Some(p) = probe {
         p.stop();
     }
-    let _ = compressor.join();
+    if let Some(c) = compressor {
+        let _ = c.join();
+    }
     let _ = uploader.join();
     match (exit, upload) {
         (Exit::Stopped, UploadExit::Drained) => {
@@ -324,4 +325,34 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
         ),
     }
     Ok(())
+}
+
+/// The compressor stage: one zstd frame per batch, from the reader's queue to the uploader's,
+/// until the reader's queue closes (or, while the uploader's is full, `give_up` is set).
+fn spawn_compressor(
+    kind: crate::config::Compression,
+    level: i32,
+    raw_rx: crossbeam_channel::Receiver<Batch>,
+    ready_tx: crossbeam_channel::Sender<Batch>,
+    gu: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, DaemonError> {
+    std::thread::Builder::new()
+        .name("voltail-compress".into())
+        .spawn(move || {
+            let mut c = Compressor::new(kind, level);
+            while let Ok(mut b) = raw_rx.recv() {
+                if let Err(e) = c.compress(&mut b) {
+                    tracing::error!(error = %e, "compression failed; the sink gets the batch uncompressed");
+                }
+                let mut b = b;
+                loop {
+                    match ready_tx.send_timeout(b, Duration::from_millis(100)) {
+                        Ok(()) => break,
+                        Err(SendTimeoutError::Timeout(back)) if !gu.load(Ordering::Relaxed) => b = back,
+                        Err(_) => return,
+                    }
+                }
+            }
+        })
+        .map_err(DaemonError::Thread)
 }

@@ -93,6 +93,7 @@ pub fn spawn(
     mode: ProbeMode,
     devices: Vec<u64>,
     writer_tags: bool,
+    batch_window: Duration,
     hints: HintSender,
     stop: Arc<AtomicBool>,
 ) -> Result<Option<ProbeHandle>, ProbeError> {
@@ -103,6 +104,7 @@ pub fn spawn(
     let opts = ProbeOptions {
         devices,
         ignore_pid: std::process::id(),
+        batch_window,
         ..ProbeOptions::default()
     };
     let started = Probe::load(&opts).and_then(|probe| {
@@ -277,6 +279,8 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use std::process::Command;
 
+    const WINDOW: Duration = voltail_ebpf::DEFAULT_BATCH_WINDOW;
+
     /// `Some(())` when the probe can run here; otherwise prints why, or panics under `CI=true`.
     fn can_test(test: &str) -> Option<()> {
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -298,7 +302,8 @@ mod tests {
     fn off_does_not_load() {
         let (tx, _rx) = crate::tail::hints::mailbox(1);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::Off, vec![1], false, tx, stop).expect("off never fails");
+        let handle =
+            spawn(ProbeMode::Off, vec![1], false, WINDOW, tx, stop).expect("off never fails");
         assert!(handle.is_none());
     }
 
@@ -309,10 +314,17 @@ mod tests {
         }
         let (tx, _rx) = crate::tail::hints::mailbox(1);
         let stop = Arc::new(AtomicBool::new(false));
-        let err = spawn(ProbeMode::On, vec![], false, tx.clone(), Arc::clone(&stop))
-            .expect_err("on must fail without the object");
+        let err = spawn(
+            ProbeMode::On,
+            vec![],
+            false,
+            WINDOW,
+            tx.clone(),
+            Arc::clone(&stop),
+        )
+        .expect_err("on must fail without the object");
         assert!(matches!(err, ProbeError::NotCompiledIn));
-        assert!(spawn(ProbeMode::Auto, vec![], false, tx, stop)
+        assert!(spawn(ProbeMode::Auto, vec![], false, WINDOW, tx, stop)
             .expect("auto falls back")
             .is_none());
     }
@@ -333,6 +345,7 @@ mod tests {
             ProbeMode::On,
             vec![meta.dev()],
             false,
+            WINDOW,
             tx,
             Arc::clone(&stop),
         )
@@ -387,7 +400,7 @@ mod tests {
         let meta = std::fs::metadata(&path).expect("stat");
         let (tx, rx) = crate::tail::hints::mailbox(1024);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::On, vec![], false, tx, stop)
+        let handle = spawn(ProbeMode::On, vec![], false, WINDOW, tx, stop)
             .expect("probe on")
             .expect("a handle when on");
         handle.set_devices(vec![meta.dev()]);
@@ -422,9 +435,16 @@ mod tests {
         }
         let (tx, _rx) = crate::tail::hints::mailbox(1);
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = spawn(ProbeMode::Auto, vec![], false, tx, Arc::clone(&stop))
-            .expect("auto never fails")
-            .expect("probe runs as root with clang");
+        let handle = spawn(
+            ProbeMode::Auto,
+            vec![],
+            false,
+            WINDOW,
+            tx,
+            Arc::clone(&stop),
+        )
+        .expect("auto never fails")
+        .expect("probe runs as root with clang");
         stop.store(true, Ordering::Relaxed);
         let started = Instant::now();
         handle.stop();

@@ -858,7 +858,10 @@ const PROBE_POLLS: Duration = Duration::from_secs(10);
 /// Poll interval of the row that reaches the probe row's latency by polling alone.
 const FAST_POLLS: Duration = Duration::from_millis(10);
 /// Batch linger of W3's probe variant: the default 100 ms alone would exceed the 20 ms target.
-const PROBE_LINGER: Duration = Duration::from_millis(10);
+/// A line waits up to the probe's batch window (default 10 ms) to be read; with no linger
+/// each round's lines ship at once, one batch per window (a linger as long as the window
+/// would add its own wait for no fewer batches).
+const PROBE_LINGER: Duration = Duration::ZERO;
 
 /// W3 with the probe on and every poll at [`PROBE_POLLS`] (the writers are local, so the probe
 /// sees every write), then the probe's cost on a W1-style writer at full speed, one `write` per
@@ -883,7 +886,7 @@ fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
         .find(|o| o.workload == "W3" && o.variant == "steady" && o.collector == c.name())
         .and_then(|o| o.measures.iter().find(|m| m.name == "CPU"))
         .map_or(5.0, |m| m.value);
-    let o = Outcome::new("W3", "steady, probe on, polls 10 s, linger 10 ms", c.name());
+    let o = Outcome::new("W3", "steady, probe on, polls 10 s, linger 0", c.name());
     let opts = RunOpts {
         poll_interval: Some(PROBE_POLLS),
         max_poll_interval: Some(PROBE_POLLS),
@@ -904,11 +907,7 @@ fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
     });
     // What the probe row's latency costs without the probe: every file polled as often as
     // a 20 ms p99 needs. No target; it shows what the probe buys.
-    let o = Outcome::new(
-        "W3",
-        "steady, probe off, polls 10 ms, linger 10 ms",
-        c.name(),
-    );
+    let o = Outcome::new("W3", "steady, probe off, polls 10 ms, linger 0", c.name());
     let opts = RunOpts {
         poll_interval: Some(FAST_POLLS),
         max_poll_interval: Some(FAST_POLLS),

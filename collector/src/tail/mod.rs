@@ -87,6 +87,9 @@ const READ_CHUNK: usize = 1024;
 const READ_BUF: usize = 256 * 1024;
 /// Bytes read in one call at most (the arena the read buffers are carved from).
 const READ_ARENA: usize = 8 << 20;
+/// Bytes a hinted read asks for without a stat (see [`Tailer::hinted_read`]): a file that
+/// fills it is read on in the next round, stated as usual.
+const HINT_READ: usize = 16 * 1024;
 /// Shortest sleep between rounds, so that due files gather into batched rounds.
 const MIN_TICK: Duration = Duration::from_millis(20);
 /// Writers of files not tracked yet remembered, so a new file's first events carry its writer.
@@ -166,9 +169,14 @@ struct Tracked {
     orphan: bool,
     interval: Duration,
     next_due: Instant,
+    /// The poll time `after_read` last put on the schedule: while `next_due` is that time
+    /// (and so still ahead), its entry is there and another would only be skipped as stale.
+    scheduled: Option<Instant>,
     last_change: Instant,
     /// Stats or reads failed in a row (EIO, ESTALE, ...); 0 while healthy.
     errors: u32,
+    /// `size` is a guess of this round's hinted read (`read_off` + [`HINT_READ`]), not a stat.
+    guessed: bool,
     /// The last writer the probe named (writer tags on), rendered into `meta`.
     writer: Option<Arc<Writer>>,
 }
@@ -206,6 +214,9 @@ pub struct Tailer {
     /// time passed without the file being due are stale and skipped, so a round costs
     /// O(due files x log files), not a scan of every tracked file (10,000 idle files).
     schedule: BinaryHeap<Reverse<(Instant, FileKey)>>,
+    /// Files the probe made due now, in the order hinted: due at once, so they skip the heap
+    /// (ten thousand hints a second would otherwise each be a push and a pop on it).
+    hinted: Vec<FileKey>,
     by_path: Followed,
     by_ino: FastMap<(u64, u64), FileKey>,
     /// Directory stamps changed this recently are not trusted ([`RACY`]; tests lower it).
@@ -295,6 +306,7 @@ impl Tailer {
             opts: p.opts,
             files: FastMap::default(),
             schedule: BinaryHeap::new(),
+            hinted: Vec::new(),
             by_path: Followed::default(),
             racy: RACY,
             by_ino: FastMap::default(),
@@ -339,7 +351,12 @@ impl Tailer {
                 continue;
             }
             let wake = self.next_wake();
-            let sleep = wake.saturating_duration_since(Instant::now()).max(MIN_TICK);
+            let now = Instant::now();
+            let mut sleep = wake.saturating_duration_since(now).max(MIN_TICK);
+            // Rounds gather for at least MIN_TICK; a batch lingering less ships on time.
+            if let Some(d) = self.builder.due_at() {
+                sleep = sleep.min(d.saturating_duration_since(now));
+            }
             // Without a probe nothing posts: this is a plain sleep.
             let mut got = std::mem::take(&mut self.hint_buf);
             self.hints.wait(sleep, &mut got);
@@ -366,6 +383,9 @@ impl Tailer {
         if let Some(Reverse((t, _))) = self.schedule.peek() {
             wake = wake.min(*t);
         }
+        if !self.hinted.is_empty() {
+            wake = Instant::now().min(wake);
+        }
         wake
     }
 
@@ -384,21 +404,26 @@ impl Tailer {
             .is_some_and(|(poll, flush)| poll <= now || flush.is_some_and(|t| t <= now))
     }
 
-    /// Takes the files due at `now` off the schedule, each once.
-    fn take_due(&mut self, now: Instant) -> Vec<FileKey> {
-        let mut due = Vec::new();
+    /// Takes the files due at `now` off the schedule, each once, and those of them the probe
+    /// hinted (sorted).
+    fn take_due(&mut self, now: Instant) -> (Vec<FileKey>, Vec<FileKey>) {
+        let mut hinted = std::mem::take(&mut self.hinted);
+        hinted.retain(|&k| self.is_due(k, now));
+        hinted.sort_unstable();
+        hinted.dedup();
+        let mut due = hinted.clone();
         while let Some(&Reverse((t, k))) = self.schedule.peek() {
             if t > now {
                 break;
             }
-            self.schedule.pop();
+            self.pop_schedule(t, k);
             if self.is_due(k, now) {
                 due.push(k);
             }
         }
         due.sort_unstable();
         due.dedup();
-        due
+        (due, hinted)
     }
 
     /// Drops stale entries from the top of the schedule so the next wake-up is a real one.
@@ -410,7 +435,17 @@ impl Tailer {
             if live {
                 break;
             }
-            self.schedule.pop();
+            self.pop_schedule(t, k);
+        }
+    }
+
+    /// Pops the schedule's top entry, `(t, k)`; the file's `scheduled` no longer holds.
+    fn pop_schedule(&mut self, t: Instant, k: FileKey) {
+        self.schedule.pop();
+        if let Some(f) = self.files.get_mut(&k) {
+            if f.scheduled == Some(t) {
+                f.scheduled = None;
+            }
         }
     }
 
@@ -464,7 +499,7 @@ impl Tailer {
                         }
                         if f.next_due > now {
                             f.next_due = now;
-                            self.schedule.push(Reverse((now, *k)));
+                            self.hinted.push(*k);
                             self.events.probe_wakeup();
                         }
                     }
@@ -776,6 +811,8 @@ impl Tailer {
             orphan,
             interval: base,
             next_due: now,
+            scheduled: None,
+            guessed: false,
             last_change: now,
             errors: 0,
             writer,
@@ -950,7 +987,7 @@ impl Tailer {
 
     /// One round over the due files. Returns whether some file has more to read right away.
     fn round(&mut self, now: Instant) -> bool {
-        let due = self.take_due(now);
+        let (due, hinted) = self.take_due(now);
         if due.is_empty() {
             self.prune_schedule();
             return false;
@@ -960,7 +997,15 @@ impl Tailer {
         let mut more = false;
         let mut to_read = Vec::new();
         let mut vacated = Vec::new();
-        for chunk in due.chunks(STAT_CHUNK) {
+        let mut stat = Vec::with_capacity(due.len());
+        for &k in &due {
+            if hinted.binary_search(&k).is_ok() && self.hinted_read(k, now) {
+                to_read.push(k);
+            } else {
+                stat.push(k);
+            }
+        }
+        for chunk in stat.chunks(STAT_CHUNK) {
             for (k, (fs, ps)) in chunk.iter().zip(self.stat_chunk(chunk, now)) {
                 if self.after_stat(*k, fs, ps, now, &mut vacated) {
                     to_read.push(*k);
@@ -998,6 +1043,30 @@ impl Tailer {
         self.prune_schedule();
         self.events.poll_round(started.elapsed());
         more
+    }
+
+    /// Whether hinted file `k` is read without a stat this round, and if so sets it up.
+    ///
+    /// The probe saw a local write to it, so it grew: a stat would only say by how much, and
+    /// at 10 writes a second to each of a thousand files that stat is a third of the reader's
+    /// syscalls. The read asks for [`HINT_READ`] bytes at the offset instead. What the stat
+    /// guards is still guarded: a read that finds nothing (truncated below the offset, or read
+    /// already) makes the file due for a stated round at once; a copytruncate refilled past
+    /// the offset fails the fingerprint check that goes with every read; a deletion or rename
+    /// shows at the file's next poll, as it does without the probe. Files due a path check,
+    /// with known unread bytes, failing, or finishing go the stated way.
+    fn hinted_read(&mut self, k: FileKey, now: Instant) -> bool {
+        let Some(f) = self.files.get_mut(&k) else {
+            return false;
+        };
+        // (The per-poll directory stat of an idle file in an unlisted directory is not due:
+        // a file the probe saw written is not idle.)
+        if f.orphan || f.errors > 0 || f.read_off != f.size || now >= f.next_path_check {
+            return false;
+        }
+        f.size = f.read_off + HINT_READ as u64;
+        f.guessed = true;
+        true
     }
 
     /// Bytes to read from file `k` in this round.
@@ -1396,6 +1465,13 @@ impl Tailer {
         let mut bytes = 0u64;
         let mut lines = 0u64;
         for (((k, res), buf), ok) in keys.iter().zip(results).zip(bufs.iter()).zip(prefix_ok) {
+            let guessed = self
+                .files
+                .get_mut(k)
+                .is_some_and(|f| std::mem::take(&mut f.guessed));
+            if guessed {
+                self.after_hinted_read(*k, ok, &res, buf.len());
+            }
             if !ok {
                 continue; // read at a stale offset; the file is due again from 0
             }
@@ -1429,6 +1505,30 @@ impl Tailer {
         self.arena = arena;
         self.events.read(bytes, lines);
         more
+    }
+
+    /// Replaces the size guessed for a hinted read of file `k` (before its bytes are consumed)
+    /// with what the read found: the end of the file where it came short of its buffer; one
+    /// byte more than it read where it filled the buffer or found nothing, so that the file
+    /// stays due and the next round states it (more to read; or a write the probe saw left
+    /// nothing: truncated below the offset, or read already). The lag shows that byte until
+    /// then.
+    fn after_hinted_read(
+        &mut self,
+        k: FileKey,
+        ok: bool,
+        res: &Result<usize, Errno>,
+        asked: usize,
+    ) {
+        let Some(f) = self.files.get_mut(&k) else {
+            return;
+        };
+        f.size = match res {
+            Ok(n) if ok && *n > 0 && *n < asked => f.read_off + *n as u64,
+            Ok(n) if ok => f.read_off + *n as u64 + 1,
+            // A failed read or a fingerprint mismatch: each makes the file due on its own.
+            _ => f.read_off,
+        };
     }
 
     /// Frames `data` (read at the file's read offset) into events. Returns the lines framed.
@@ -1510,7 +1610,11 @@ impl Tailer {
                 (f.interval * 2).min(cap)
             };
             f.next_due = on_grid(self.epoch, now, f.interval);
-            self.schedule.push(Reverse((f.next_due, k)));
+            // `on_grid` is ahead of `now`: an entry pushed for that time is still queued.
+            if f.scheduled != Some(f.next_due) {
+                f.scheduled = Some(f.next_due);
+                self.schedule.push(Reverse((f.next_due, k)));
+            }
         } else if f.next_due <= now {
             // Still due (a backlog): again in the very next round.
             self.schedule.push(Reverse((f.next_due, k)));

@@ -355,6 +355,89 @@ fn a_hinted_writer_tags_the_files_events_from_the_next_read() {
     );
 }
 
+/// A file the probe hinted is read without a stat, and what the stat guarded is still caught:
+/// more than one read's worth, a truncation below the offset, a copytruncate refilled past it.
+#[test]
+fn hinted_reads_skip_the_stat_and_still_catch_truncations() {
+    for b in 0..3 {
+        hinted_reads_on(b);
+    }
+}
+
+fn hinted_reads_on(backend: usize) {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    append(&log, "a1\n");
+    let mut h = Harness::on(d.path(), "", backend);
+    h.step(true);
+    let stats = |h: &Harness| h.stats.load(std::sync::atomic::Ordering::Relaxed);
+    // A hint and the rounds it causes, 10 ms of virtual time later: no poll is due.
+    let hinted = |h: &mut Harness| {
+        h.now += Duration::from_millis(10);
+        let now = h.now;
+        let m = std::fs::metadata(&log).expect("stat");
+        let t = h.tailer.as_mut().expect("tailer");
+        t.hint(
+            Hint::Write {
+                dev: m.dev(),
+                ino: m.ino(),
+                writer: None,
+            },
+            now,
+        );
+        while t.step(now, false) {}
+        h.deliver(true);
+    };
+
+    append(&log, "a2\n");
+    let before = stats(&h);
+    hinted(&mut h);
+    assert_eq!(h.messages(), ["a1", "a2"], "backend {backend}");
+    assert_eq!(
+        stats(&h),
+        before,
+        "a hinted read is not stated (backend {backend})"
+    );
+
+    // More than one hinted read's worth: the rest comes in stated rounds right after.
+    let big: Vec<String> = (0..400).map(|i| format!("{i:0>99}")).collect();
+    append(&log, &(big.join("\n") + "\n"));
+    hinted(&mut h);
+    assert_eq!(h.messages().len(), 402, "backend {backend}");
+    assert_eq!(h.messages()[2..], big[..], "backend {backend}");
+    assert!(
+        stats(&h) > before,
+        "the rest was stated (backend {backend})"
+    );
+
+    // Truncated below the offset and rewritten shorter: the hinted read finds nothing, and
+    // the stated round after it starts again at 0.
+    std::fs::write(&log, "b1\n").expect("truncate");
+    hinted(&mut h);
+    h.step(true);
+    assert_eq!(
+        h.messages().last().map(String::as_str),
+        Some("b1"),
+        "backend {backend}"
+    );
+
+    // Copytruncate refilled past the offset: the fingerprint read with the hinted read
+    // tells, and the file is read again from 0.
+    std::fs::write(&log, "c1 longer than the old content\n").expect("refill");
+    hinted(&mut h);
+    h.step(true);
+    assert_eq!(
+        h.messages().last().map(String::as_str),
+        Some("c1 longer than the old content"),
+        "backend {backend}"
+    );
+    assert_eq!(
+        h.messages().len(),
+        404,
+        "nothing else, nothing twice (backend {backend})"
+    );
+}
+
 #[test]
 fn rename_rotation_finishes_old_then_reads_new() {
     for b in 0..3 {
