@@ -414,11 +414,25 @@ impl BatchBuilder {
 }
 
 /// Compresses batch payloads whole (one zstd frame per batch); runs on its own thread.
-#[derive(Debug)]
+///
+/// One-shot, with one context kept for every batch: the payload is contiguous, so zstd needs
+/// no window of its own. (The streaming encoder used before made a context per batch and
+/// copied the payload through its window in 128 KiB pieces, whose matches across a piece
+/// took zstd's slower external-dictionary path: the stage ran at ~60 % of zstd's speed.)
 pub struct Compressor {
     kind: Compression,
     level: i32,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("kind", &self.kind)
+            .field("level", &self.level)
+            .finish()
+    }
 }
 
 /// Compression failed (out of memory, a bad level): the batch is sent uncompressed instead.
@@ -438,6 +452,7 @@ impl Compressor {
         Compressor {
             kind,
             level,
+            zstd: None,
             scratch: Vec::new(),
         }
     }
@@ -452,7 +467,16 @@ impl Compressor {
             Compression::Zstd => {
                 self.scratch
                     .reserve(zstd::zstd_safe::compress_bound(b.payload.len()));
-                zstd::stream::copy_encode(&b.payload[..], &mut self.scratch, self.level)
+                let z = match self.zstd.as_mut() {
+                    Some(z) => z,
+                    None => {
+                        let z = zstd::bulk::Compressor::new(self.level)
+                            .map_err(|source| CompressError { seq: b.seq, source })?;
+                        self.zstd.insert(z)
+                    }
+                };
+                z.compress_to_buffer(&b.payload[..], &mut self.scratch)
+                    .map(|_| ())
             }
             Compression::Gzip => {
                 return Err(CompressError {

@@ -89,7 +89,7 @@ const READ_BUF: usize = 256 * 1024;
 const READ_ARENA: usize = 8 << 20;
 /// Bytes a hinted read asks for without a stat (see [`Tailer::hinted_read`]): a file that
 /// fills it is read on in the next round, stated as usual.
-const HINT_READ: usize = 16 * 1024;
+const HINT_READ: usize = 4 * 1024;
 /// Shortest sleep between rounds, so that due files gather into batched rounds.
 const MIN_TICK: Duration = Duration::from_millis(20);
 /// Writers of files not tracked yet remembered, so a new file's first events carry its writer.
