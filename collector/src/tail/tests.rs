@@ -764,6 +764,9 @@ enum Action {
     Rotate(usize),
     CopyTruncate(usize),
     Delete(usize),
+    /// The probe saw a write to the file now at this path: a hint, and the rounds it causes
+    /// 10 ms later (no poll, no discovery pass).
+    Hint(usize),
     Step,
     Checkpoint,
     Crash,
@@ -775,6 +778,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (0..3usize).prop_map(Action::Rotate),
         1 => (0..3usize).prop_map(Action::CopyTruncate),
         1 => (0..3usize).prop_map(Action::Delete),
+        3 => (0..3usize).prop_map(Action::Hint),
         4 => Just(Action::Step),
         2 => Just(Action::Checkpoint),
         1 => Just(Action::Crash),
@@ -875,6 +879,19 @@ proptest! {
                         here(&mut files[i]);
                         files[i].gen += 1;
                         files[i].size = 0;
+                    }
+                }
+                Action::Hint(i) => {
+                    // Not a chance to discover (`seen`): no pass runs. A hinted round that
+                    // finds a rotation may look at the vacated path, which only reads more.
+                    if let Ok(md) = std::fs::metadata(path(i)) {
+                        h.now += Duration::from_millis(10);
+                        let now = h.now;
+                        if let Some(t) = h.tailer.as_mut() {
+                            t.hint(Hint::Write { dev: md.dev(), ino: md.ino(), writer: None }, now);
+                            while t.step(now, false) {}
+                        }
+                        h.deliver(false);
                     }
                 }
                 Action::Step => step(&mut h, false, &mut seen, &files),
