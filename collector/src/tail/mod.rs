@@ -177,6 +177,9 @@ struct Tracked {
     errors: u32,
     /// `size` is a guess of this round's hinted read (`read_off` + [`HINT_READ`]), not a stat.
     guessed: bool,
+    /// A hinted read could not tell the whole story (it found nothing, filled its buffer, or
+    /// found the first bytes changed): the file stays due until a round states it.
+    restat: bool,
     /// The last writer the probe named (writer tags on), rendered into `meta`.
     writer: Option<Arc<Writer>>,
 }
@@ -813,6 +816,7 @@ impl Tailer {
             next_due: now,
             scheduled: None,
             guessed: false,
+            restat: false,
             last_change: now,
             errors: 0,
             writer,
@@ -1061,7 +1065,8 @@ impl Tailer {
         };
         // (The per-poll directory stat of an idle file in an unlisted directory is not due:
         // a file the probe saw written is not idle.)
-        if f.orphan || f.errors > 0 || f.read_off != f.size || now >= f.next_path_check {
+        if f.orphan || f.errors > 0 || f.restat || f.read_off != f.size || now >= f.next_path_check
+        {
             return false;
         }
         f.size = f.read_off + HINT_READ as u64;
@@ -1261,6 +1266,7 @@ impl Tailer {
             return false;
         };
         f.size = st.size;
+        f.restat = false;
         if !f.orphan {
             // Deleted (no links left), or its path names something else or nothing. A path
             // not stated this round (`PENDING`) says nothing.
@@ -1483,7 +1489,7 @@ impl Tailer {
                     lines += self.consume(*k, &buf[..n], ts);
                     if let Some(f) = self.files.get_mut(k) {
                         f.last_change = now;
-                        if f.read_off < f.size {
+                        if f.read_off < f.size || f.restat {
                             f.next_due = now;
                             more = true;
                         }
@@ -1508,11 +1514,12 @@ impl Tailer {
     }
 
     /// Replaces the size guessed for a hinted read of file `k` (before its bytes are consumed)
-    /// with what the read found: the end of the file where it came short of its buffer; one
-    /// byte more than it read where it filled the buffer or found nothing, so that the file
-    /// stays due and the next round states it (more to read; or a write the probe saw left
-    /// nothing: truncated below the offset, or read already). The lag shows that byte until
-    /// then.
+    /// with the end of what the read found. Where that may not be the whole story, the file
+    /// stays due until a round states it (`restat`): the read filled its buffer (more to
+    /// read), found nothing (a write the probe saw left nothing: truncated below the offset,
+    /// or read already), or found the first bytes changed (a copytruncate; the offset is 0
+    /// again). The size is never more than was seen, so the rename checks that compare it
+    /// with the stat's keep working.
     fn after_hinted_read(
         &mut self,
         k: FileKey,
@@ -1523,12 +1530,18 @@ impl Tailer {
         let Some(f) = self.files.get_mut(&k) else {
             return;
         };
-        f.size = match res {
-            Ok(n) if ok && *n > 0 && *n < asked => f.read_off + *n as u64,
-            Ok(n) if ok => f.read_off + *n as u64 + 1,
-            // A failed read or a fingerprint mismatch: each makes the file due on its own.
-            _ => f.read_off,
-        };
+        match res {
+            Ok(n) if ok => {
+                f.size = f.read_off + *n as u64;
+                f.restat = *n == 0 || *n == asked;
+            }
+            Ok(_) => {
+                f.size = f.read_off;
+                f.restat = true;
+            }
+            // A failed read is retried after its backoff, stated.
+            Err(_) => f.size = f.read_off,
+        }
     }
 
     /// Frames `data` (read at the file's read offset) into events. Returns the lines framed.
@@ -1597,7 +1610,7 @@ impl Tailer {
         };
         let s = &self.sources[f.source].cfg;
         // A file with a backlog stays due: it is read again in the very next round.
-        let backlog = f.read_off < f.size;
+        let backlog = f.read_off < f.size || f.restat;
         if f.next_due <= now && !backlog {
             let grew = f.last_change == now;
             let cap = match self.opts.probe_poll_interval {
