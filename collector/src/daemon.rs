@@ -181,7 +181,6 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     let backend = selected.backend;
 
     let q = cfg.batch.queue_batches;
-    let (raw_tx, raw_rx) = bounded::<Batch>(q);
     let (ready_tx, ready_rx) = bounded::<Batch>(q);
     let (hint_tx, hint_rx) = crate::tail::hints::mailbox(4096);
     // The probe watches the devices of the include roots (writes by processes on this node).
@@ -212,9 +211,9 @@ pub fn run(cfg: &Config, ctx: &Context) -> Result<(), DaemonError> {
     // Without compression the stage would only pass batches on, at a thread switch per
     // batch: the reader hands them to the uploader itself.
     let (reader_tx, compressor) = if kind == crate::config::Compression::None {
-        drop(raw_rx);
         (ready_tx, None)
     } else {
+        let (raw_tx, raw_rx) = bounded::<Batch>(q);
         (
             raw_tx,
             Some(spawn_compressor(

@@ -175,8 +175,8 @@ struct Tracked {
     last_change: Instant,
     /// Stats or reads failed in a row (EIO, ESTALE, ...); 0 while healthy.
     errors: u32,
-    /// `size` is a guess of this round's hinted read (`read_off` + [`HINT_READ`]), not a stat.
-    guessed: bool,
+    /// Read this round without a stat ([`Tailer::hinted_read`]): [`HINT_READ`] bytes are asked.
+    unstated: bool,
     /// A hinted read could not tell the whole story (it found nothing, filled its buffer, or
     /// found the first bytes changed): the file stays due until a round states it.
     restat: bool,
@@ -815,7 +815,7 @@ impl Tailer {
             interval: base,
             next_due: now,
             scheduled: None,
-            guessed: false,
+            unstated: false,
             restat: false,
             last_change: now,
             errors: 0,
@@ -1069,14 +1069,16 @@ impl Tailer {
         {
             return false;
         }
-        f.size = f.read_off + HINT_READ as u64;
-        f.guessed = true;
+        f.unstated = true;
         true
     }
 
     /// Bytes to read from file `k` in this round.
     fn want(&self, k: FileKey) -> usize {
         self.files.get(&k).map_or(0, |f| {
+            if f.unstated {
+                return HINT_READ;
+            }
             f.size.saturating_sub(f.read_off).min(READ_BUF as u64) as usize
         })
     }
@@ -1471,11 +1473,11 @@ impl Tailer {
         let mut bytes = 0u64;
         let mut lines = 0u64;
         for (((k, res), buf), ok) in keys.iter().zip(results).zip(bufs.iter()).zip(prefix_ok) {
-            let guessed = self
+            let unstated = self
                 .files
                 .get_mut(k)
-                .is_some_and(|f| std::mem::take(&mut f.guessed));
-            if guessed {
+                .is_some_and(|f| std::mem::take(&mut f.unstated));
+            if unstated {
                 self.after_hinted_read(*k, ok, &res, buf.len());
             }
             if !ok {
@@ -1513,8 +1515,8 @@ impl Tailer {
         more
     }
 
-    /// Replaces the size guessed for a hinted read of file `k` (before its bytes are consumed)
-    /// with the end of what the read found. Where that may not be the whole story, the file
+    /// Sets the size of file `k` after a read without a stat (before its bytes are consumed)
+    /// to the end of what the read found. Where that may not be the whole story, the file
     /// stays due until a round states it (`restat`): the read filled its buffer (more to
     /// read), found nothing (a write the probe saw left nothing: truncated below the offset,
     /// or read already), or found the first bytes changed (a copytruncate; the offset is 0

@@ -373,29 +373,16 @@ fn hinted_reads_on(backend: usize) {
     let stats = |h: &Harness| h.stats.load(std::sync::atomic::Ordering::Relaxed);
     // A hint and the rounds it causes, 10 ms of virtual time later: no poll is due.
     let hinted = |h: &mut Harness| {
-        h.now += Duration::from_millis(10);
-        let now = h.now;
         let m = std::fs::metadata(&log).expect("stat");
-        let t = h.tailer.as_mut().expect("tailer");
-        t.hint(
-            Hint::Write {
-                dev: m.dev(),
-                ino: m.ino(),
-                writer: None,
-            },
-            now,
-        );
-        while t.step(now, false) {}
-        h.deliver(true);
+        let hint = Hint::Write {
+            dev: m.dev(),
+            ino: m.ino(),
+            writer: None,
+        };
+        rounds_10ms_later(h, Some(hint));
     };
     // Rounds 10 ms later without a hint: what a hinted round left due, and nothing else.
-    let soon = |h: &mut Harness| {
-        h.now += Duration::from_millis(10);
-        let now = h.now;
-        let t = h.tailer.as_mut().expect("tailer");
-        while t.step(now, false) {}
-        h.deliver(true);
-    };
+    let soon = |h: &mut Harness| rounds_10ms_later(h, None);
 
     append(&log, "a2\n");
     let before = stats(&h);
@@ -444,6 +431,20 @@ fn hinted_reads_on(backend: usize) {
         404,
         "nothing else, nothing twice (backend {backend})"
     );
+}
+
+/// Takes the tailer 10 ms of virtual time on (no poll is due), gives it `hint`, runs its
+/// rounds and delivers what they produced (no checkpoint).
+fn rounds_10ms_later(h: &mut Harness, hint: Option<Hint>) {
+    h.now += Duration::from_millis(10);
+    let now = h.now;
+    if let Some(t) = h.tailer.as_mut() {
+        if let Some(hint) = hint {
+            t.hint(hint, now);
+        }
+        while t.step(now, false) {}
+    }
+    h.deliver(false);
 }
 
 #[test]
@@ -893,13 +894,7 @@ proptest! {
                     // Not a chance to discover (`seen`): no pass runs. A hinted round that
                     // finds a rotation may look at the vacated path, which only reads more.
                     if let Ok(md) = std::fs::metadata(path(i)) {
-                        h.now += Duration::from_millis(10);
-                        let now = h.now;
-                        if let Some(t) = h.tailer.as_mut() {
-                            t.hint(Hint::Write { dev: md.dev(), ino: md.ino(), writer: None }, now);
-                            while t.step(now, false) {}
-                        }
-                        h.deliver(false);
+                        rounds_10ms_later(&mut h, Some(Hint::Write { dev: md.dev(), ino: md.ino(), writer: None }));
                     }
                 }
                 Action::Step => step(&mut h, false, &mut seen, &files),
