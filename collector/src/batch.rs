@@ -169,55 +169,68 @@ static ESCAPE: [u8; 256] = {
     t
 };
 
-/// Whether any byte of `w` needs escaping: below 0x20, `"` or `\`. Word-at-a-time (SWAR):
-/// most of a log line needs nothing, and this skips it eight bytes per step.
+/// The bytes of `w` that need escaping (below 0x20, `"` or `\\`), flagged by their high bit;
+/// word-at-a-time (SWAR): most of a log line needs nothing, and this skips it eight bytes per
+/// step. The lowest flag is exact (a borrow only runs towards higher bytes, so it can flag a
+/// byte above a real one, never below); only the lowest is used.
 #[inline]
-fn word_needs_escape(w: u64) -> bool {
+fn escape_mask(w: u64) -> u64 {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let has_zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
     let below_space = w.wrapping_sub(LO * 0x20) & !w & HI;
-    (below_space | has_zero(w ^ (LO * b'"' as u64)) | has_zero(w ^ (LO * b'\\' as u64))) != 0
+    below_space | has_zero(w ^ (LO * b'"' as u64)) | has_zero(w ^ (LO * b'\\' as u64))
+}
+
+/// Appends the escape of byte `b` (one that [`ESCAPE`] flags).
+#[inline]
+fn push_escape(b: u8, out: &mut Vec<u8>) {
+    let e = ESCAPE[b as usize];
+    if e == b'u' {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[(b >> 4) as usize],
+            HEX[(b & 15) as usize],
+        ]);
+    } else {
+        out.extend_from_slice(&[b'\\', e]);
+    }
 }
 
 /// Appends `s` (valid UTF-8) to `out` escaped as the inside of a JSON string.
+///
+/// Each step copies a whole word (a fixed-size copy, no call to `memcpy`); a word with a byte
+/// to escape is cut back to just before that byte, the escape appended, and the next word read
+/// from the byte after it. This runs at about twice the speed of copying the clean runs between
+/// escapes, because nginx lines hold a `"` every 30 bytes or so.
 pub fn escape_json(s: &[u8], out: &mut Vec<u8>) {
-    out.reserve(s.len() + 2);
-    let mut start = 0;
+    out.reserve(s.len() + 8);
     let mut i = 0;
-    while i < s.len() {
-        if i + 8 <= s.len() {
-            let w = u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
-            if !word_needs_escape(w) {
-                i += 8;
-                continue;
-            }
+    while let Some(chunk) = s.get(i..i + 8) {
+        let word: [u8; 8] = chunk.try_into().expect("a slice of 8 bytes");
+        let m = escape_mask(u64::from_le_bytes(word));
+        let at = out.len();
+        out.extend_from_slice(&word);
+        if m == 0 {
+            i += 8;
+            continue;
         }
-        let end = (i + 8).min(s.len());
-        while i < end {
-            let b = s[i];
-            let e = ESCAPE[b as usize];
-            if e != 0 {
-                out.extend_from_slice(&s[start..i]);
-                if e == b'u' {
-                    const HEX: &[u8; 16] = b"0123456789abcdef";
-                    out.extend_from_slice(&[
-                        b'\\',
-                        b'u',
-                        b'0',
-                        b'0',
-                        HEX[(b >> 4) as usize],
-                        HEX[(b & 15) as usize],
-                    ]);
-                } else {
-                    out.extend_from_slice(&[b'\\', e]);
-                }
-                start = i + 1;
-            }
-            i += 1;
+        let k = (m.trailing_zeros() / 8) as usize;
+        out.truncate(at + k);
+        push_escape(word[k], out);
+        i += k + 1;
+    }
+    for &b in &s[i..] {
+        if ESCAPE[b as usize] == 0 {
+            out.push(b);
+        } else {
+            push_escape(b, out);
         }
     }
-    out.extend_from_slice(&s[start..]);
 }
 
 /// Where an event ends in the payload and whose it is.
@@ -289,11 +302,20 @@ pub struct BatchLimits {
 }
 
 /// Builds batches on the reader thread.
+///
+/// A batch closes as soon as it reaches a limit, even in the middle of one read: the event
+/// that would go past it opens the next batch, and the closed one waits in `ready` until the
+/// reader takes it. So a payload holds at most `max_bytes` plus one event and never outgrows
+/// the capacity it was given (a read of 256 KiB of short lines encodes to megabytes; growing
+/// the buffer then copied the whole payload, once per batch). The file's ack lands in the
+/// later batch, which is right: acks are applied in batch order.
 #[derive(Debug)]
 pub struct BatchBuilder {
     limits: BatchLimits,
     encoder: Box<dyn Encoder>,
     next_seq: u64,
+    /// Closed batches, oldest first, not yet taken.
+    ready: std::collections::VecDeque<Batch>,
     cur: Option<Batch>,
     /// Index in `cur.files` of the file last pushed (events of one file come in runs).
     last_file: Option<(FileKey, u32)>,
@@ -306,8 +328,26 @@ impl BatchBuilder {
             limits,
             encoder,
             next_seq: 0,
+            ready: std::collections::VecDeque::new(),
             cur: None,
             last_file: None,
+        }
+    }
+
+    /// Whether the open batch reached its size or count limit.
+    fn cur_full(&self) -> bool {
+        self.cur.as_ref().is_some_and(|b| {
+            b.payload.len() >= self.limits.max_bytes || b.events.len() >= self.limits.max_events
+        })
+    }
+
+    /// Closes the open batch into `ready`.
+    fn close(&mut self) {
+        if let Some(mut b) = self.cur.take() {
+            self.last_file = None;
+            self.next_seq += 1;
+            b.raw_bytes = b.payload.len();
+            self.ready.push_back(b);
         }
     }
 
@@ -330,6 +370,9 @@ impl BatchBuilder {
 
     /// Encodes one event into the open batch.
     pub fn push(&mut self, meta: &Arc<FileMeta>, message: &[u8], offset: u64, ts: &Timestamp) {
+        if self.cur_full() {
+            self.close();
+        }
         let file_idx = match self.last_file {
             Some((k, i)) if k == meta.key && self.cur.is_some() => i,
             _ => {
@@ -379,11 +422,10 @@ impl BatchBuilder {
         }
     }
 
-    /// Whether the open batch reached its size or count limit.
+    /// Whether a batch is closed and waiting, or the open one reached a limit: then
+    /// [`take`](Self::take) should be called until this is false.
     pub fn is_full(&self) -> bool {
-        self.cur.as_ref().is_some_and(|b| {
-            b.payload.len() >= self.limits.max_bytes || b.events.len() >= self.limits.max_events
-        })
+        !self.ready.is_empty() || self.cur_full()
     }
 
     /// Whether the open batch has waited `linger`.
@@ -398,18 +440,17 @@ impl BatchBuilder {
         self.cur.as_ref().map(|b| b.opened + self.limits.linger)
     }
 
-    /// Whether anything is in the open batch.
+    /// Whether no batch is open or waiting.
     pub fn is_empty(&self) -> bool {
-        self.cur.is_none()
+        self.cur.is_none() && self.ready.is_empty()
     }
 
-    /// Closes the open batch and returns it.
+    /// The oldest closed batch, or else the open one, closed; `None` when there is neither.
     pub fn take(&mut self) -> Option<Batch> {
-        let mut b = self.cur.take()?;
-        self.last_file = None;
-        self.next_seq += 1;
-        b.raw_bytes = b.payload.len();
-        Some(b)
+        if self.ready.is_empty() {
+            self.close();
+        }
+        self.ready.pop_front()
     }
 }
 
@@ -540,7 +581,7 @@ mod tests {
     proptest::proptest! {
         /// The word-at-a-time escape equals the obvious byte-by-byte one.
         #[test]
-        fn escape_matches_bytewise(s in ".{0,64}") {
+        fn escape_matches_bytewise(s in ".{0,64}|[\"\\\\\\x00-\\x1fa-zé]{0,80}") {
             let mut fast = Vec::new();
             escape_json(s.as_bytes(), &mut fast);
             let mut slow = Vec::new();
@@ -585,6 +626,54 @@ mod tests {
         assert!(b.take().is_none());
         b.ack(1, 1);
         assert_eq!(b.take().map(|b| b.seq), Some(1));
+    }
+
+    /// A batch closes at its limit in the middle of a read: the payload keeps the capacity it
+    /// was given, and the read's ack goes in the later batch.
+    #[test]
+    fn builder_rolls_over_mid_read_without_growing_the_payload() {
+        let limits = BatchLimits {
+            max_bytes: 4096,
+            max_events: 10_000,
+            linger: std::time::Duration::from_secs(60),
+        };
+        let mut b = BatchBuilder::new(limits, Box::new(NdjsonEncoder));
+        let m = meta();
+        let ts = Timestamp::now();
+        let line = [b'a'; 200];
+        for i in 0..100 {
+            b.push(&m, &line, i * 201, &ts);
+        }
+        b.ack(7, 100 * 201);
+        assert!(b.is_full(), "closed batches wait to be taken");
+        let mut batches = Vec::new();
+        while let Some(batch) = b.take() {
+            batches.push(batch);
+        }
+        assert!(b.is_empty() && !b.is_full());
+        assert!(batches.len() > 4, "{} batches", batches.len());
+        let event = batches[0].event_bytes(0).len();
+        for (i, batch) in batches.iter().enumerate() {
+            assert_eq!(batch.seq, i as u64);
+            assert!(
+                batch.payload.len() < 4096 + event,
+                "batch {i}: {}",
+                batch.payload.len()
+            );
+            assert_eq!(batch.payload.capacity(), 4096 + 4096 / 8, "batch {i} grew");
+            assert_eq!(batch.raw_bytes, batch.payload.len());
+        }
+        let events: usize = batches.iter().map(|b| b.events.len()).sum();
+        assert_eq!(events, 100);
+        let (last, earlier) = batches.split_last().expect("batches");
+        assert_eq!(
+            last.acks,
+            vec![Ack {
+                key: 7,
+                offset: 100 * 201
+            }]
+        );
+        assert!(earlier.iter().all(|b| b.acks.is_empty()));
     }
 
     #[test]

@@ -8,9 +8,19 @@
 //! checkpoint is therefore removed and read again from the files, so after a crash at any
 //! instant the output holds every line exactly once.
 //!
+//! Written bytes do not stay in the page cache: every [`WRITE_BEHIND`] bytes the sink starts
+//! the writeback of that chunk, waits for the chunk before it (started a chunk ago, so
+//! normally done) and drops it from the cache, and a commit drops what its fsync cleaned. A
+//! collector shipping gigabytes would otherwise fill the page cache, which is charged to its
+//! pod's memory cgroup and evicts what the node's applications cache; and on a virtual machine
+//! whose memory the host backs lazily, writing into ever new page-cache pages cost ten times
+//! the CPU of reusing the few just dropped (measured: 6.6 s against 0.6 s of system time for
+//! 2.6 GB).
+//!
 //! It does not rotate old segments away: that is the consumer's job.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +29,10 @@ use crate::batch::Batch;
 use crate::config::{Compression, FileSinkConfig};
 
 const PREFIX: &str = "voltail-";
+
+/// Chunk of a segment handed to writeback at once, and dropped from the page cache a chunk
+/// later.
+pub const WRITE_BEHIND: u64 = 8 << 20;
 
 /// Appends batches to segment files.
 #[derive(Debug)]
@@ -31,6 +45,13 @@ pub struct FileSink {
     len: u64,
     file: Option<File>,
     dir_dirty: bool,
+    /// Segment offset up to which writeback was started (a multiple of `WRITE_BEHIND`).
+    behind: u64,
+    /// Segment offset below which the page cache was dropped (a multiple of `WRITE_BEHIND`).
+    dropped: u64,
+    /// A writeback error seen by the write-behind: the next commit fails with it, since the
+    /// kernel reports a writeback error to an fd only once and fsync would not see it again.
+    wb_error: Option<SinkError>,
 }
 
 fn err(kind: SinkErrorKind, reason: &'static str, message: String) -> SinkError {
@@ -70,6 +91,9 @@ impl FileSink {
             len: 0,
             file: None,
             dir_dirty: false,
+            behind: 0,
+            dropped: 0,
+            wb_error: None,
         })
     }
 
@@ -109,17 +133,75 @@ impl FileSink {
             .open(&path)
             .map_err(|e| io("open", &path, e))?;
         f.set_len(len).map_err(|e| io("truncate", &path, e))?;
+        // Whatever was cached of the old segment was dropped by its last commit.
         self.file = Some(f);
         self.seq = seq;
         self.len = len;
+        self.behind = len - len % WRITE_BEHIND;
+        self.dropped = self.behind;
         self.dir_dirty = true;
         Ok(())
     }
 
+    /// Starts the writeback of each whole chunk written since the last call and drops the
+    /// chunk before it from the page cache, once its writeback is done.
+    fn write_behind(&mut self) {
+        let Some(f) = &self.file else { return };
+        let fd = f.as_raw_fd();
+        while self.len >= self.behind + WRITE_BEHIND {
+            // SAFETY: plain syscall on a descriptor this sink owns; no memory is passed.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    fd,
+                    self.behind as libc::off64_t,
+                    WRITE_BEHIND as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.behind += WRITE_BEHIND;
+            if rc == 0 && self.behind >= self.dropped + 2 * WRITE_BEHIND {
+                let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                // SAFETY: as above.
+                let rc = unsafe {
+                    libc::sync_file_range(
+                        fd,
+                        self.dropped as libc::off64_t,
+                        WRITE_BEHIND as libc::off64_t,
+                        flags,
+                    )
+                };
+                if rc != 0 {
+                    let e = std::io::Error::last_os_error();
+                    self.writeback_failed(e);
+                    return;
+                }
+                drop_cache(f, self.dropped, WRITE_BEHIND);
+                self.dropped += WRITE_BEHIND;
+            } else if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                self.writeback_failed(e);
+                return;
+            }
+        }
+    }
+
+    fn writeback_failed(&mut self, e: std::io::Error) {
+        let path = self.segment_path(self.seq);
+        tracing::error!(segment = %path.display(), error = %e, "sink writeback failed; the next commit fails");
+        self.wb_error.get_or_insert(io("writeback", &path, e));
+    }
+
     fn sync(&mut self) -> Result<(), SinkError> {
+        if let Some(e) = self.wb_error.take() {
+            return Err(e);
+        }
         if let Some(f) = &self.file {
             f.sync_data()
                 .map_err(|e| io("fsync", &self.segment_path(self.seq), e))?;
+            // Clean now: drop it (a partly filled last page stays).
+            drop_cache(f, self.dropped, self.len - self.dropped);
         }
         if self.dir_dirty {
             File::open(&self.dir)
@@ -128,6 +210,19 @@ impl FileSink {
             self.dir_dirty = false;
         }
         Ok(())
+    }
+}
+
+/// Drops the clean cached pages of `f` in `off..off + len` (advice: nothing fails).
+fn drop_cache(f: &File, off: u64, len: u64) {
+    // SAFETY: plain syscall on a descriptor the caller owns; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
 }
 
@@ -206,6 +301,7 @@ impl Sink for FileSink {
             return Err(io("write", &self.segment_path(self.seq), e));
         }
         self.len += batch.payload.len() as u64;
+        self.write_behind();
         Ok(())
     }
 
@@ -295,5 +391,75 @@ mod tests {
         s2.recover(Some(&[1, 2, 3])).expect("foreign cursor");
         assert_eq!(s2.seq, 1);
         assert_eq!(all_output(d.path()).lines().count(), 1);
+    }
+
+    /// Pages of `path` in the page cache.
+    fn resident_pages(path: &Path) -> usize {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path).expect("open segment");
+        let len = f.metadata().expect("stat").len() as usize;
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: a read-only shared mapping of a file this test holds open, unmapped before
+        // returning; mincore writes one byte per page of it into `pages`, which has that many.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "mmap");
+            let rc = libc::mincore(p, len, pages.as_mut_ptr());
+            libc::munmap(p, len);
+            assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        }
+        pages.iter().filter(|b| **b & 1 != 0).count()
+    }
+
+    /// Written chunks leave the page cache a chunk behind the writer, and the rest at commit;
+    /// the output is whole.
+    #[test]
+    fn written_segments_leave_the_page_cache() {
+        let d = tempfile::tempdir().expect("tmp");
+        let fs = crate::tail::select::fs_kind(d.path()).map(|k| k.name());
+        if fs == Some("tmpfs") {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI's temp directory is tmpfs"
+            );
+            println!(
+                "skipped: {} is tmpfs, whose pages are the files",
+                d.path().display()
+            );
+            return;
+        }
+        let mut s = FileSink::open(&cfg(d.path(), Compression::None, 1 << 30)).expect("open");
+        s.recover(None).expect("recover");
+        let line = "x".repeat(1000);
+        let lines: Vec<&str> = vec![&line; 1000];
+        let chunks = 5 * WRITE_BEHIND as usize;
+        let (mut sent, mut events) = (0, 0);
+        while sent < chunks {
+            let b = batch(&lines);
+            sent += b.payload.len();
+            events += b.events.len();
+            s.send(&b).expect("send");
+        }
+        let path = s.segment_path(0);
+        let chunk_pages = WRITE_BEHIND as usize / 4096;
+        let resident = resident_pages(&path);
+        assert!(
+            resident <= 3 * chunk_pages,
+            "{resident} pages cached of {}",
+            sent / 4096
+        );
+        s.commit().expect("commit");
+        let resident = resident_pages(&path);
+        assert!(resident <= 1, "{resident} pages cached after the commit");
+        let out = all_output(d.path());
+        assert_eq!(out.len(), sent);
+        assert_eq!(out.lines().count(), events);
     }
 }

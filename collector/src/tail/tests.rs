@@ -213,7 +213,8 @@ impl Harness {
                 self.delivered.push(Delivered {
                     path: b.files[e.file as usize].path.clone(),
                     offset: e.offset,
-                    message: String::from_utf8_lossy(&bytes[..bytes.len() - 1]).into_owned(),
+                    message: String::from_utf8(bytes[..bytes.len() - 1].to_vec())
+                        .expect("the tailer hands out UTF-8 only"),
                     tags: b.files[e.file as usize].tags.clone(),
                 });
             }
@@ -966,6 +967,32 @@ fn fingerprint_follows_the_bytes_read_not_first_seen() {
     h.crash();
     h.step(true);
     assert_eq!(h.messages(), vec!["f2-g0-s0", "f2-g2-s2"]);
+}
+
+/// Invalid bytes become U+FFFD in their own line only, whether the line lies in one read
+/// (checked with the whole read) or continues one from an earlier read (checked alone); a
+/// character cut in two by the end of a read is whole again.
+#[test]
+fn invalid_utf8_is_replaced_in_its_line_only() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod/app.log");
+    let write = |bytes: &[u8]| {
+        std::fs::create_dir_all(log.parent().expect("parent")).expect("mkdir");
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open")
+            .write_all(bytes)
+            .expect("write");
+    };
+    write(b"ok1\nbad \xff here\nok2 \xc3\xa9\ntail \xc3");
+    let mut h = Harness::new(d.path(), "");
+    h.step(true);
+    assert_eq!(h.messages(), vec!["ok1", "bad \u{fffd} here", "ok2 é"]);
+    write(b"\xa9 end\nlast \xfe\nnext \xc3\xa9\n");
+    h.step(true);
+    assert_eq!(h.messages()[3..], ["tail é end", "last \u{fffd}", "next é"]);
 }
 
 #[test]
