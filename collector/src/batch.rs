@@ -307,8 +307,9 @@ pub struct BatchLimits {
 /// that would go past it opens the next batch, and the closed one waits in `ready` until the
 /// reader takes it. So a payload holds at most `max_bytes` plus one event and never outgrows
 /// the capacity it was given (a read of 256 KiB of short lines encodes to megabytes; growing
-/// the buffer then copied the whole payload, once per batch). The file's ack lands in the
-/// later batch, which is right: acks are applied in batch order.
+/// the buffer then copied the whole payload, once per batch). The closed batch acks its own
+/// events (the file of the last event, up to its end), as every batch must: the uploader may
+/// commit the checkpoint, with the file sink's cursor, after any batch.
 #[derive(Debug)]
 pub struct BatchBuilder {
     limits: BatchLimits,
@@ -319,6 +320,8 @@ pub struct BatchBuilder {
     cur: Option<Batch>,
     /// Index in `cur.files` of the file last pushed (events of one file come in runs).
     last_file: Option<(FileKey, u32)>,
+    /// The file of the event last pushed and the offset just past that event.
+    last_end: Option<(FileKey, u64)>,
 }
 
 impl BatchBuilder {
@@ -331,6 +334,7 @@ impl BatchBuilder {
             ready: std::collections::VecDeque::new(),
             cur: None,
             last_file: None,
+            last_end: None,
         }
     }
 
@@ -345,6 +349,7 @@ impl BatchBuilder {
     fn close(&mut self) {
         if let Some(mut b) = self.cur.take() {
             self.last_file = None;
+            self.last_end = None;
             self.next_seq += 1;
             b.raw_bytes = b.payload.len();
             self.ready.push_back(b);
@@ -368,9 +373,21 @@ impl BatchBuilder {
         })
     }
 
-    /// Encodes one event into the open batch.
-    pub fn push(&mut self, meta: &Arc<FileMeta>, message: &[u8], offset: u64, ts: &Timestamp) {
+    /// Encodes one event into the open batch: `message`, found at `offset` of its file, which
+    /// it occupies up to `end` (its newline included).
+    pub fn push(
+        &mut self,
+        meta: &Arc<FileMeta>,
+        message: &[u8],
+        offset: u64,
+        end: u64,
+        ts: &Timestamp,
+    ) {
         if self.cur_full() {
+            // Closed in the middle of a read, before the reader acks it: ack what it holds.
+            if let Some((key, end)) = self.last_end {
+                self.ack(key, end);
+            }
             self.close();
         }
         let file_idx = match self.last_file {
@@ -396,6 +413,7 @@ impl BatchBuilder {
         };
         let b = self.cur.as_mut().expect("cur() was called above");
         self.encoder.encode(&ev, &mut b.payload);
+        self.last_end = Some((meta.key, end));
         b.events.push(EventMeta {
             end: b.payload.len() as u32,
             file: file_idx,
@@ -614,7 +632,7 @@ mod tests {
         let ts = Timestamp::now();
         for i in 0..3 {
             assert!(!b.is_full());
-            b.push(&m, b"x", i, &ts);
+            b.push(&m, b"x", i, i + 2, &ts);
             b.ack(7, i + 2);
         }
         assert!(b.is_full());
@@ -629,7 +647,7 @@ mod tests {
     }
 
     /// A batch closes at its limit in the middle of a read: the payload keeps the capacity it
-    /// was given, and the read's ack goes in the later batch.
+    /// was given, and each batch acks its own events.
     #[test]
     fn builder_rolls_over_mid_read_without_growing_the_payload() {
         let limits = BatchLimits {
@@ -642,7 +660,7 @@ mod tests {
         let ts = Timestamp::now();
         let line = [b'a'; 200];
         for i in 0..100 {
-            b.push(&m, &line, i * 201, &ts);
+            b.push(&m, &line, i * 201, (i + 1) * 201, &ts);
         }
         b.ack(7, 100 * 201);
         assert!(b.is_full(), "closed batches wait to be taken");
@@ -665,15 +683,19 @@ mod tests {
         }
         let events: usize = batches.iter().map(|b| b.events.len()).sum();
         assert_eq!(events, 100);
-        let (last, earlier) = batches.split_last().expect("batches");
-        assert_eq!(
-            last.acks,
-            vec![Ack {
-                key: 7,
-                offset: 100 * 201
-            }]
-        );
-        assert!(earlier.iter().all(|b| b.acks.is_empty()));
+        // Each batch acks its own events: a checkpoint may be taken after any of them.
+        for batch in &batches {
+            let last = batch.events.last().expect("events");
+            let end = last.offset + 201;
+            assert_eq!(
+                batch.acks,
+                vec![Ack {
+                    key: 7,
+                    offset: end
+                }]
+            );
+        }
+        assert_eq!(batches.last().map(|b| b.acks[0].offset), Some(100 * 201));
     }
 
     #[test]
@@ -688,7 +710,7 @@ mod tests {
         );
         let m = meta();
         let ts = Timestamp::now();
-        b.push(&m, b"hello", 0, &ts);
+        b.push(&m, b"hello", 0, 6, &ts);
         let mut batch = b.take().expect("batch");
         let raw = batch.payload.clone();
         Compressor::new(Compression::Zstd, 1)

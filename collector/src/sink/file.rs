@@ -333,7 +333,7 @@ mod tests {
         let m = Arc::new(FileMeta::new(1, Arc::from("s"), "/f".into(), vec![], 0));
         let ts = Timestamp::now();
         for (i, l) in lines.iter().enumerate() {
-            b.push(&m, l.as_bytes(), i as u64, &ts);
+            b.push(&m, l.as_bytes(), i as u64, i as u64 + 1, &ts);
         }
         b.take().expect("batch")
     }

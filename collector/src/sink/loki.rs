@@ -489,7 +489,7 @@ mod tests {
             linger: Duration::from_secs(1),
         };
         let mut b = BatchBuilder::new(limits, Box::new(LokiEncoder));
-        b.push(&m, b"hi", 0, &Timestamp::now());
+        b.push(&m, b"hi", 0, 3, &Timestamp::now());
         let batch = b.take().expect("one event");
         let request = |extra: &str| {
             let cfg: LokiSinkConfig =

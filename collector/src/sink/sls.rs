@@ -484,7 +484,7 @@ mod tests {
             linger: Duration::from_secs(1),
         };
         let mut b = BatchBuilder::new(limits, Box::new(SlsEncoder));
-        b.push(&m, b"hi", 0, &Timestamp::now());
+        b.push(&m, b"hi", 0, 3, &Timestamp::now());
         let batch = b.take().expect("one event");
         let cfg: SlsSinkConfig = toml::from_str(
             "endpoint = \"https://x\"\nproject = \"p\"\nlogstore = \"l\"\n\

@@ -1587,7 +1587,7 @@ impl Tailer {
                 to_utf8(ev.bytes, enc, scratch)
             };
             invalid += u64::from(bad);
-            builder.push(meta, msg, ev.start, ts);
+            builder.push(meta, msg, ev.start, ev.end, ts);
         });
         f.read_off += data.len() as u64;
         let framed = f.framer.framed_offset();
@@ -1644,7 +1644,7 @@ impl Tailer {
             f.framer.flush(&mut |ev: Framed<'_>| {
                 lines += 1;
                 let (msg, _) = to_utf8(ev.bytes, enc, scratch);
-                builder.push(meta, msg, ev.start, ts);
+                builder.push(meta, msg, ev.start, ev.end, ts);
             });
             let framed = f.framer.framed_offset();
             if framed != f.acked_sent {
