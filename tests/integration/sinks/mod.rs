@@ -75,8 +75,9 @@ pub fn batch(cfg: &SinkConfig, events: &[(&Arc<FileMeta>, &str, u64)], ts: &Time
         b.ack(1, 0);
     }
     for (m, msg, off) in events {
-        b.push(m, msg.as_bytes(), *off, ts);
-        b.ack(m.key, off + msg.len() as u64 + 1);
+        let end = off + msg.len() as u64 + 1;
+        b.push(m, msg.as_bytes(), *off, end, ts);
+        b.ack(m.key, end);
     }
     let mut batch = b.take().expect("a batch");
     let (kind, level) = cfg.compression();
