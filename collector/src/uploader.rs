@@ -685,6 +685,29 @@ mod tests {
         }
     }
 
+    /// An uploader over `lanes` with a fresh state, checkpointing every `interval`, fed
+    /// through a queue of two.
+    fn uploader(
+        lanes: Vec<Box<dyn Sink>>,
+        store: Store,
+        dir: &Path,
+        interval: Duration,
+    ) -> (Sender<Batch>, Uploader) {
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let up = Uploader::new(
+            lanes,
+            store,
+            State::default(),
+            rx,
+            Events::new(),
+            Arc::default(),
+            interval,
+            dir.to_path_buf(),
+            Arc::default(),
+        );
+        (tx, up)
+    }
+
     fn checkpointed(dir: &Path) -> u64 {
         let loaded = crate::checkpoint::read_only(dir).expect("read checkpoint");
         loaded.entries.first().map(|e| e.offset).unwrap_or(0)
@@ -709,18 +732,7 @@ mod tests {
                 }) as Box<dyn Sink>
             })
             .collect();
-        let (tx, rx) = crossbeam_channel::bounded(2);
-        let up = Uploader::new(
-            lanes,
-            store,
-            State::default(),
-            rx,
-            Events::new(),
-            Arc::default(),
-            Duration::from_millis(20),
-            dir.path().to_path_buf(),
-            Arc::default(),
-        );
+        let (tx, up) = uploader(lanes, store, dir.path(), Duration::from_millis(20));
         let h = std::thread::spawn(move || up.run());
         let feeder = std::thread::spawn(move || {
             for seq in 0..24 {
@@ -806,18 +818,7 @@ mod tests {
             attempts: Arc::clone(&attempts),
             commits: Arc::clone(&commits),
         })];
-        let (tx, rx) = crossbeam_channel::bounded(2);
-        let up = Uploader::new(
-            lanes,
-            store,
-            State::default(),
-            rx,
-            Events::new(),
-            Arc::default(),
-            Duration::from_millis(5),
-            dir.path().to_path_buf(),
-            Arc::default(),
-        );
+        let (tx, up) = uploader(lanes, store, dir.path(), Duration::from_millis(5));
         let h = std::thread::Builder::new()
             .name("uploader-under-test".into())
             .spawn(move || up.run())
