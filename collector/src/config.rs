@@ -827,6 +827,20 @@ path = "/tmp/out"
         assert_eq!(again.sources[0].poll_interval, c.sources[0].poll_interval);
     }
 
+    /// Regression (fuzz `config_parse`): toml 0.8's writer counted a run of quotes in a `u8`
+    /// and panicked (or, in release, chose a quoting that does not parse) at 256 in a row.
+    #[test]
+    fn a_long_run_of_quotes_prints_and_parses_again() {
+        let run = "'".repeat(300);
+        let t = GOOD.replace(
+            "/var/log/nginx/*/access.log",
+            &format!("/var/log/{run}/*.log"),
+        );
+        let c = parse(&t).expect("valid");
+        let again = parse(&c.to_toml()).expect("printed config parses again");
+        assert_eq!(again.sources[0].include, c.sources[0].include);
+    }
+
     #[test]
     fn bad_regex_names_key_and_line() {
         let t = GOOD.replace("(?P<app>[^/]+)", "(?P<app>[^/]+");

@@ -106,7 +106,8 @@ impl Input {
             encoder,
         );
         for e in &self.events {
-            b.push(&self.files[e.file], e.message.as_bytes(), e.offset, &e.ts);
+            let end = e.offset.wrapping_add(e.message.len() as u64 + 1);
+            b.push(&self.files[e.file], e.message.as_bytes(), e.offset, end, &e.ts);
         }
         b.take()
             .unwrap_or_else(|| panic!("no batch for {} events", self.events.len()))
