@@ -155,38 +155,19 @@ impl FileSink {
         let Some(f) = &self.file else { return };
         let fd = f.as_raw_fd();
         while self.len >= self.behind + WRITE_BEHIND {
-            // SAFETY: plain syscall on a descriptor this sink owns; no memory is passed.
-            let rc = unsafe {
-                libc::sync_file_range(
-                    fd,
-                    self.behind as libc::off64_t,
-                    WRITE_BEHIND as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            let mut res = sync_range(fd, self.behind, libc::SYNC_FILE_RANGE_WRITE);
             self.behind += WRITE_BEHIND;
-            if rc == 0 && self.behind >= self.dropped + 2 * WRITE_BEHIND {
-                let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            if res.is_ok() && self.behind >= self.dropped + 2 * WRITE_BEHIND {
+                let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-                // SAFETY: as above.
-                let rc = unsafe {
-                    libc::sync_file_range(
-                        fd,
-                        self.dropped as libc::off64_t,
-                        WRITE_BEHIND as libc::off64_t,
-                        flags,
-                    )
-                };
-                if rc != 0 {
-                    let e = std::io::Error::last_os_error();
-                    self.writeback_failed(e);
-                    return;
+                res = sync_range(fd, self.dropped, wait);
+                if res.is_ok() {
+                    drop_cache(f, self.dropped, WRITE_BEHIND);
+                    self.dropped += WRITE_BEHIND;
                 }
-                drop_cache(f, self.dropped, WRITE_BEHIND);
-                self.dropped += WRITE_BEHIND;
-            } else if rc != 0 {
-                let e = std::io::Error::last_os_error();
+            }
+            if let Err(e) = res {
                 self.writeback_failed(e);
                 return;
             }
@@ -224,6 +205,24 @@ impl FileSink {
             self.dir_dirty = false;
         }
         Ok(())
+    }
+}
+
+/// `sync_file_range` of the `WRITE_BEHIND` bytes of `fd` from `off`.
+fn sync_range(fd: std::os::fd::RawFd, off: u64, flags: libc::c_uint) -> std::io::Result<()> {
+    // SAFETY: plain syscall on a descriptor the caller owns; no memory is passed.
+    let rc = unsafe {
+        libc::sync_file_range(
+            fd,
+            off as libc::off64_t,
+            WRITE_BEHIND as libc::off64_t,
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
