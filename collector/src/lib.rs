@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod escape;
 pub mod framing;
 pub mod generate;
 pub mod handover;

@@ -346,6 +346,7 @@ impl Tailer {
             }
             if now >= self.next_lag {
                 self.publish_lag();
+                self.builder.trim_spares(now);
                 self.next_lag = now + Duration::from_secs(1);
             }
             if more {
