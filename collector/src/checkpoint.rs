@@ -18,7 +18,6 @@
 //!
 //! This module does not decide which offsets to resume from: the tailer matches entries to files.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +27,7 @@ use memmap2::MmapMut;
 
 use crate::batch::FileKey;
 use crate::identity::FileId;
+use crate::FastMap;
 
 const MAGIC: u32 = 0x564f_4c54; // "VOLT"
 /// Format version written by this build.
@@ -126,7 +126,7 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct State {
     /// Tracked files by run-local key.
-    pub entries: HashMap<FileKey, Entry>,
+    pub entries: FastMap<FileKey, Entry>,
     /// The sink's cursor as of the last commit.
     pub cursor: Vec<u8>,
     dirty: bool,

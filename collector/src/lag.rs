@@ -4,10 +4,10 @@
 //! into a [`LagBoard`] (one lock per poll round or per batch, never per line) and the reader
 //! publishes the per-source sums as `voltail_lag_bytes` about once a second.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::batch::FileKey;
+use crate::FastMap;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Row {
@@ -19,7 +19,7 @@ struct Row {
 /// Sizes and acknowledged offsets by file.
 #[derive(Debug, Default)]
 pub struct LagBoard {
-    rows: Mutex<HashMap<FileKey, Row>>,
+    rows: Mutex<FastMap<FileKey, Row>>,
 }
 
 impl LagBoard {

@@ -15,7 +15,6 @@
 //! that batch: its cgroup id resolved to a path by [`crate::cgroup::CgroupPaths`] (cached, on
 //! this thread, so a walk of the cgroup tree never stalls the reader).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,6 +27,7 @@ use crate::cgroup::CgroupPaths;
 use crate::config::ProbeMode;
 use crate::tail::hints::HintSender;
 use crate::tail::Hint;
+use crate::FastMap;
 
 pub use voltail_ebpf::ProbeError;
 
@@ -162,7 +162,7 @@ fn drain(
     // Per file of a batch: the cgroup id of its last event (0 without writer tags), in the
     // order the files first appear.
     let mut files: Vec<((u64, u64), u64)> = Vec::new();
-    let mut index: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut index: FastMap<(u64, u64), usize> = FastMap::default();
     let mut failing = false;
     let mut lost_read_at = Instant::now();
     let metrics = crate::metrics::Events::new();

@@ -63,6 +63,7 @@ use crate::identity::{FileId, Match, FINGERPRINT_BYTES};
 use crate::lag::LagBoard;
 use crate::metrics::Events;
 use crate::tags::{PathTagger, Writer};
+use crate::FastMap;
 
 /// A hint that a file may have changed, from outside the poll loop (the eBPF probe).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1746,11 +1747,6 @@ type StatResult = Result<Stat, Errno>;
 /// file it lists on every pass (10,000 lookups each `discover_interval` for 10,000 files), and
 /// `Path`'s own hash walks the path component by component through SipHash.
 type PathMap = HashMap<std::ffi::OsString, FileKey, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
-
-/// Tracked files by key and by inode: looked up for every due file and every probe hint, where
-/// SipHash showed in the W3-with-probe profile. The keys are ours or the kernel's, not an
-/// attacker's.
-type FastMap<K, V> = HashMap<K, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
 
 /// Tracked files by path, with a generation that changes whenever what [`follows`] answers
 /// may change: a path added or removed here, or a followed file turned orphan
