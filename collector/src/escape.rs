@@ -177,7 +177,8 @@ mod avx2 {
             let mut from = 0;
             while m != 0 {
                 let at = m.trailing_zeros() as usize;
-                let (e, n) = escape_of(s_byte(s, at));
+                // SAFETY: `at < BLOCK`, inside this block.
+                let (e, n) = escape_of(unsafe { *s.add(at) });
                 // SAFETY: `from < BLOCK`, so the copy reads inside this block and the next;
                 // `len` is at most the block's start plus `from` plus the extra bytes of the
                 // escapes so far, so the copy (64 bytes) and the escape (6) end inside the
@@ -197,13 +198,6 @@ mod avx2 {
                 out.set_len(len + BLOCK - from);
             }
         }
-    }
-
-    /// The byte at `s + at`, `at < BLOCK`.
-    #[inline]
-    fn s_byte(s: *const u8, at: usize) -> u8 {
-        // SAFETY: only called with a flagged position of the block at `s`, which is readable.
-        unsafe { *s.add(at) }
     }
 
     /// [`super::escape_json`] with AVX2.

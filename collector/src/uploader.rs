@@ -502,29 +502,32 @@ impl SendLoop {
         }
     }
 
-    /// Sends one batch until it is acknowledged, refused for good, or the deadline passes.
+    /// Sends one batch until it is acknowledged, refused for good, or the deadline passes. A
+    /// job whose first attempt failed already (the uploader's inline one) carries the error in
+    /// `pending` and waits before its next.
     fn deliver(&self, mut job: Job) {
-        if let Some(e) = job.pending.take() {
-            if !self.d.wait_to_retry(&mut job, &e) {
-                let _ = self.done.send(Done::Abandoned);
-                return;
-            }
-        }
         loop {
+            if let Some(e) = job.pending.take() {
+                if !self.d.wait_to_retry(&mut job, &e) {
+                    let _ = self.done.send(Done::Abandoned);
+                    return;
+                }
+            }
+            // Held for the attempt only: the wait above runs with the lane free.
             let mut sink = lock(&self.d.lane);
-            let (j, e) = match self.d.attempt(&mut sink, job) {
+            match self.d.attempt(&mut sink, job) {
                 Ok(done) => {
                     // Posted while the lane is held: see `Uploader::checkpoint`.
                     let _ = self.done.send(done);
                     return;
                 }
-                Err(failed) => *failed,
-            };
-            drop(sink);
-            job = j;
-            if !self.d.wait_to_retry(&mut job, &e) {
-                let _ = self.done.send(Done::Abandoned);
-                return;
+                Err(failed) => {
+                    let (j, e) = *failed;
+                    job = Job {
+                        pending: Some(e),
+                        ..j
+                    };
+                }
             }
         }
     }
