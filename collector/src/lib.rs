@@ -33,7 +33,7 @@ pub mod tags;
 pub mod tail;
 pub mod uploader;
 
-/// A hash map for keys that are ours or the kernel's (file keys, inode numbers), not an
-/// attacker's: looked up per due file, per probe event and per ack, where SipHash showed in
-/// the W3-with-probe profile.
+/// A hash map for keys that are ours or the kernel's (file keys, inode numbers), never names
+/// a pod chose (xxh3's seed is fixed, so collisions could be crafted): looked up per due file,
+/// per probe event and per ack, where SipHash showed in the W3-with-probe profile.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;

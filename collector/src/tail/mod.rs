@@ -1743,10 +1743,12 @@ fn wall_ns() -> i64 {
 /// A stat's outcome.
 type StatResult = Result<Stat, Errno>;
 
-/// Tracked files by path. Keyed by the path's bytes with xxh3: discovery asks about every
-/// file it lists on every pass (10,000 lookups each `discover_interval` for 10,000 files), and
-/// `Path`'s own hash walks the path component by component through SipHash.
-type PathMap = HashMap<std::ffi::OsString, FileKey, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
+/// Tracked files by path. Keyed by the path's bytes: discovery asks about every file it lists
+/// on every pass (10,000 lookups each `discover_interval` for 10,000 files), and `Path`'s own
+/// hash walks the path component by component. SipHash with the process's random keys (the
+/// std default), not the fixed-seed xxh3 of [`FastMap`]: pods name these files, and names
+/// crafted to collide under a known hash would turn every lookup into a scan.
+type PathMap = HashMap<std::ffi::OsString, FileKey>;
 
 /// Tracked files by path, with a generation that changes whenever what [`follows`] answers
 /// may change: a path added or removed here, or a followed file turned orphan
