@@ -401,21 +401,24 @@ impl BatchBuilder {
         // An eighth for the event that crosses the limit, and room for the escape's copies,
         // which write up to a few hundred bytes past what they keep.
         let cap = self.limits.max_bytes + self.limits.max_bytes / 8 + 256;
-        if self.cur.is_none() {
-            self.last_open = Instant::now();
-            self.trimmed = false;
-        }
-        self.cur.get_or_insert_with(|| Batch {
-            seq,
-            payload: SPARES.payload(cap),
-            compression: Compression::None,
-            raw_bytes: 0,
-            events: SPARES.events(),
-            files: Vec::new(),
-            acks: Vec::new(),
-            updates: Vec::new(),
-            releases: Vec::new(),
-            opened: Instant::now(),
+        // (The closure captures these fields apart from `cur`.)
+        let (last_open, trimmed) = (&mut self.last_open, &mut self.trimmed);
+        self.cur.get_or_insert_with(|| {
+            let now = Instant::now();
+            *last_open = now;
+            *trimmed = false;
+            Batch {
+                seq,
+                payload: SPARES.payload(cap),
+                compression: Compression::None,
+                raw_bytes: 0,
+                events: SPARES.events(),
+                files: Vec::new(),
+                acks: Vec::new(),
+                updates: Vec::new(),
+                releases: Vec::new(),
+                opened: now,
+            }
         })
     }
 

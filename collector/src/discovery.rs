@@ -3,9 +3,15 @@
 //! Each include glob is split into path components and walked from its literal base. Literal
 //! components are looked up directly (`lstat`), never listed, so `/logs/*/access.log` costs
 //! one directory listing plus one `lstat` per pod directory; on NFS each call is a round trip.
-//! Listings are cached by directory mtime and reused until the directory changes, with a full
-//! re-list every `FULL_RESCAN_EVERY` passes for filesystems that do not update directory
-//! mtimes. `**` crosses any number of directories.
+//! Listings are cached by directory mtime and reused until the directory changes. A listing
+//! whose mtime was younger than [`RACY`] when it was read is read again at the next pass: a
+//! second change within a coarse timestamp's granule leaves the mtime as it was. Every
+//! directory is re-listed regardless now and then, for filesystems that do not update
+//! directory mtimes: `FULL_RESCAN_EVERY` passes after the start, then at twice the spacing
+//! each time such a re-list finds nothing the mtimes had not shown, up to `FULL_RESCAN_MAX`;
+//! once one finds a change the mtime hid (or the tailer does, see
+//! [`Discovery::distrust_mtimes`]), the spacing stays `FULL_RESCAN_EVERY` for good. `**`
+//! crosses any number of directories.
 //!
 //! Security: the collector runs privileged and each pod controls its own directory. A symlink
 //! met anywhere in the walk is resolved and followed only if its target lies inside the include
@@ -22,14 +28,22 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 
 use crate::config::{Shard, SourceConfig};
 use crate::metrics::Events;
 
+/// Passes between full re-lists at first, and for good once directory mtimes were caught hiding
+/// a change.
 const FULL_RESCAN_EVERY: u64 = 12;
+/// The widest spacing of full re-lists, in passes, while directory mtimes have shown every
+/// change (8 minutes at the default `discover_interval` of 5 s).
+const FULL_RESCAN_MAX: u64 = 96;
+/// Listings whose directory mtime was younger than this when read are read again at the next
+/// pass (the tailer's directory stamps use the same window).
+pub(crate) const RACY: Duration = Duration::from_secs(10);
 const MAX_DEPTH: usize = 48;
 
 /// Errors building discovery or opening a file.
@@ -196,6 +210,9 @@ struct Held {
     mtime: i64,
     /// Its entries, sorted.
     items: Vec<(OsString, Kind)>,
+    /// The mtime was older than [`RACY`] when the listing was read: while the directory shows
+    /// that mtime, the listing holds.
+    trusted: bool,
     /// The `known` generation of a pass in which every entry the last glob component matched
     /// was a file the tailer follows: while the listing and the generation stay the same, a
     /// pass has nothing to find here and skips the entries.
@@ -219,6 +236,14 @@ pub struct Discovery {
     /// Directories whose held listing was read again because their mtime changed, since the
     /// last [`Discovery::take_changed_dirs`].
     changed_dirs: Vec<PathBuf>,
+    /// Passes from one full re-list to the next (see the module's doc).
+    full_gap: u64,
+    /// The pass of the next full re-list.
+    next_full: u64,
+    /// A directory's entries were seen to change while its mtime did not.
+    mtimes_lie: bool,
+    /// See [`RACY`] (tests lower it).
+    racy: Duration,
 }
 
 fn has_meta(s: &str) -> bool {
@@ -309,6 +334,10 @@ impl Discovery {
             passes: 0,
             io_threads: 1,
             changed_dirs: Vec::new(),
+            full_gap: FULL_RESCAN_EVERY,
+            next_full: FULL_RESCAN_EVERY,
+            mtimes_lie: false,
+            racy: RACY,
         };
         d.refresh_roots();
         Ok(d)
@@ -339,6 +368,30 @@ impl Discovery {
         roots.sort();
         roots.dedup();
         self.roots = roots;
+    }
+
+    /// How many passes apart every directory is re-listed regardless of its mtime now; the
+    /// tailer re-checks the paths it follows at the same spacing, in `discover_interval`s.
+    pub fn full_rescan_every(&self) -> u32 {
+        u32::try_from(self.full_gap).unwrap_or(u32::MAX)
+    }
+
+    /// Evidence that directory mtimes can't be trusted here: `dir`'s entries changed while
+    /// its mtime (old enough to be trusted) did not. Full re-lists, and the tailer's path
+    /// re-checks, stay at their shortest spacing from now on.
+    pub fn distrust_mtimes(&mut self, dir: &Path) {
+        if !self.mtimes_lie {
+            tracing::warn!(
+                dir = %dir.display(),
+                every_passes = FULL_RESCAN_EVERY,
+                "a directory's entries changed while its mtime did not: this filesystem does \
+                 not keep directory times; every directory is re-listed, and every followed \
+                 path re-checked, every `every_passes` discovery passes"
+            );
+        }
+        self.mtimes_lie = true;
+        self.full_gap = FULL_RESCAN_EVERY;
+        self.next_full = self.next_full.min(self.passes + FULL_RESCAN_EVERY);
     }
 
     fn inside_roots(&self, p: &Path) -> bool {
@@ -374,7 +427,13 @@ impl Discovery {
         let t = Instant::now();
         self.refresh_roots();
         self.passes += 1;
-        let full = self.passes % FULL_RESCAN_EVERY == 0;
+        let full = self.passes >= self.next_full;
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let racy = i64::try_from(self.racy.as_nanos()).unwrap_or(i64::MAX);
+        // A directory whose entries a full re-list found changed under the same trusted mtime.
+        let mut hid_change: Option<PathBuf> = None;
         let mut found: HashMap<PathBuf, Candidate> = HashMap::new();
         // Symlinked directories entered, per include pattern (symlink loops end there).
         let mut visited: HashMap<(usize, usize), HashSet<PathBuf>> = HashMap::new();
@@ -452,7 +511,12 @@ impl Discovery {
             dirs.dedup_by(|a, b| a.0.as_os_str() == b.0.as_os_str());
             for (dir, cached) in &mut dirs {
                 *cached = (!full)
-                    .then(|| self.listings.get(dir).map(|h| h.mtime))
+                    .then(|| {
+                        self.listings
+                            .get(dir)
+                            .filter(|h| h.trusted)
+                            .map(|h| h.mtime)
+                    })
                     .flatten();
             }
             let listed = crate::par::map(&dirs, self.io_threads, |(dir, cached)| {
@@ -470,13 +534,24 @@ impl Discovery {
                         }
                     }
                     Listing::Read(mtime, items) => {
-                        if self.listings.contains_key(&dir) {
-                            self.changed_dirs.push(dir.clone());
+                        let trusted = wall.saturating_sub(mtime) >= racy;
+                        let mut settled = None;
+                        if let Some(old) = self.listings.get(&dir) {
+                            if old.mtime != mtime || old.items != items {
+                                self.changed_dirs.push(dir.clone());
+                                if old.trusted && old.mtime == mtime && hid_change.is_none() {
+                                    hid_change = Some(dir.clone());
+                                }
+                            } else {
+                                // Read again (young, or a full re-list) and the same.
+                                settled = old.settled;
+                            }
                         }
                         let held = Held {
                             mtime,
                             items,
-                            settled: None,
+                            trusted,
+                            settled,
                             pass: self.passes,
                         };
                         self.listings.insert(dir, held);
@@ -551,6 +626,15 @@ impl Discovery {
         // Forget listings of directories that are gone or no longer walked.
         let pass = self.passes;
         self.listings.retain(|_, held| held.pass == pass);
+        if let Some(dir) = hid_change {
+            self.distrust_mtimes(&dir);
+        }
+        if full {
+            if !self.mtimes_lie {
+                self.full_gap = (self.full_gap * 2).min(FULL_RESCAN_MAX);
+            }
+            self.next_full = self.passes + self.full_gap;
+        }
         events.discovery(t.elapsed());
         let mut found: Vec<Candidate> = found.into_values().collect();
         found.sort_by(|a, b| a.path.cmp(&b.path));
@@ -1074,5 +1158,92 @@ mod tests {
             counts[owners[0] as usize] += 1;
         }
         assert!(counts.iter().all(|&c| c > 50), "{counts:?}");
+    }
+
+    /// Sets `dir`'s mtime back to `t`: what a change within one timestamp granule, or a
+    /// filesystem that does not keep directory times, leaves.
+    fn set_mtime(dir: &Path, t: std::time::SystemTime) {
+        let f = File::open(dir).expect("open dir");
+        f.set_times(std::fs::FileTimes::new().set_modified(t))
+            .expect("set mtime");
+    }
+
+    fn mtime(dir: &Path) -> std::time::SystemTime {
+        std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+    }
+
+    #[test]
+    fn young_listings_are_read_again_though_their_mtime_stayed() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        let pod = r.join("p1");
+        std::fs::create_dir_all(&pod).expect("mkdir");
+        std::fs::write(pod.join("a.log"), "x\n").expect("w");
+        let glob = format!("{}/*/*.log", r.display());
+        for racy in [Duration::from_secs(3600), Duration::ZERO] {
+            let _ = std::fs::remove_file(pod.join("b.log"));
+            let mut d =
+                Discovery::new(&[source(std::slice::from_ref(&glob), &[])], None).expect("new");
+            d.racy = racy;
+            let m = mtime(&pod);
+            assert_eq!(names(&mut d, r), ["p1/a.log"]);
+            // b.log comes within the granule of the mtime the listing was read at.
+            std::fs::write(pod.join("b.log"), "y\n").expect("w");
+            set_mtime(&pod, m);
+            let got = names(&mut d, r);
+            if racy.is_zero() {
+                // The listing was trusted: the change shows at the next full re-list only.
+                assert_eq!(got, ["p1/a.log"]);
+            } else {
+                assert_eq!(
+                    got,
+                    ["p1/a.log", "p1/b.log"],
+                    "a young listing is read again"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn full_relists_back_off_while_mtimes_hold_and_stay_frequent_once_one_hid_a_change() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        let pod = r.join("p1");
+        std::fs::create_dir_all(&pod).expect("mkdir");
+        std::fs::write(pod.join("a.log"), "x\n").expect("w");
+        let mut d = Discovery::new(&[source(&[format!("{}/*/*.log", r.display())], &[])], None)
+            .expect("new");
+        d.racy = Duration::ZERO;
+        // Full re-lists at passes 12, 36 (12 + 24) and 84 (36 + 48), each finding nothing the
+        // mtimes had not shown: the next comes 96 passes later, at 180.
+        let mut gaps = Vec::new();
+        for _ in 0..84 {
+            assert_eq!(names(&mut d, r), ["p1/a.log"]);
+            gaps.push(d.full_rescan_every());
+        }
+        assert_eq!((gaps[10], gaps[11], gaps[35], gaps[83]), (12, 24, 48, 96));
+        // A new file under the same mtime: unseen until that re-list, found by it.
+        let m = mtime(&pod);
+        std::fs::write(pod.join("b.log"), "y\n").expect("w");
+        set_mtime(&pod, m);
+        for pass in 85..180 {
+            assert_eq!(names(&mut d, r), ["p1/a.log"], "pass {pass}");
+        }
+        assert_eq!(names(&mut d, r), ["p1/a.log", "p1/b.log"], "pass 180");
+        // Caught: re-lists every 12 passes from now on.
+        assert_eq!(d.full_rescan_every(), 12);
+        let m = mtime(&pod);
+        std::fs::write(pod.join("c.log"), "z\n").expect("w");
+        set_mtime(&pod, m);
+        for _ in 181..192 {
+            assert_eq!(names(&mut d, r).len(), 2);
+        }
+        assert_eq!(names(&mut d, r).len(), 3, "pass 192");
+        for _ in 0..40 {
+            names(&mut d, r);
+        }
+        assert_eq!(d.full_rescan_every(), 12);
     }
 }

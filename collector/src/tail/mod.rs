@@ -1098,7 +1098,9 @@ impl Tailer {
     ///   per file. Stamps
     ///   fresher than [`RACY`] are not trusted (a second change within a coarse timestamp's
     ///   granule would not show), and paths are checked regardless every
-    ///   [`PATH_RECHECK_EVERY`] intervals, for filesystems that do not keep directory times.
+    ///   [`Discovery::full_rescan_every`] intervals (12 to 96), for filesystems that do not
+    ///   keep directory times; a check that finds the path moved under an unchanged stamp
+    ///   tells discovery, which then keeps that spacing at its shortest.
     ///
     /// Why: until the rename of a file the tailer follows is noticed, discovery does not look
     /// at its path (see `Discovery::scan_new`), so a new file there stays unseen; if that one
@@ -1151,7 +1153,11 @@ impl Tailer {
         };
         // Which paths to state, with the stamp their directory had before.
         let wall = wall_ns();
-        let mut check: Vec<(usize, Option<DirStamp>)> = Vec::new();
+        let recheck_every = self.discovery.full_rescan_every();
+        // (index in the chunk, the directory's stamp now, whether the stamp is the trusted one
+        // from when the path last named the file: a path checked only because it was due
+        // regardless, which then names another file, caught the directory's mtime hiding it)
+        let mut check: Vec<(usize, Option<DirStamp>, bool)> = Vec::new();
         let mut unchanged: Vec<usize> = Vec::new();
         for (i, k) in chunk.iter().enumerate() {
             let f = &self.files[k];
@@ -1165,15 +1171,16 @@ impl Tailer {
                     .ok()
                     .and_then(|d| dir_stats[d].ok())
                     .and_then(|st| DirStamp::trusted(&st, wall, self.racy));
-                let recheck = now.duration_since(f.path_verified) >= every * PATH_RECHECK_EVERY;
-                if stamp.is_some() && stamp == f.dir_stamp && !recheck {
+                let recheck = now.duration_since(f.path_verified) >= every * recheck_every;
+                let same = stamp.is_some() && stamp == f.dir_stamp;
+                if same && !recheck {
                     unchanged.push(i);
                 } else {
-                    check.push((i, stamp));
+                    check.push((i, stamp, same));
                 }
             } else if f.size > f.path_checked_size && matches!(fds[i], Ok(st) if st.size == f.size)
             {
-                check.push((i, f.dir_stamp));
+                check.push((i, f.dir_stamp, false));
             }
         }
         // Phase 2: those paths.
@@ -1182,7 +1189,7 @@ impl Tailer {
         } else {
             let mut ops: Vec<StatOp<'_>> = check
                 .iter()
-                .map(|&(i, _)| path_op(&self.files[&chunk[i]]))
+                .map(|&(i, _, _)| path_op(&self.files[&chunk[i]]))
                 .collect();
             self.backend.stat_batch(&mut ops);
             ops.into_iter().map(|o| o.path_stat).collect()
@@ -1197,9 +1204,17 @@ impl Tailer {
                 f.path_checked_size = results[i].0.map_or(f.size, |st| st.size);
             }
         }
-        for ((i, stamp), ps) in check.into_iter().zip(paths) {
+        let mut hid: Option<PathBuf> = None;
+        for ((i, stamp, same), ps) in check.into_iter().zip(paths) {
             if let Some(f) = self.files.get_mut(&chunk[i]) {
                 let names_it = matches!(ps, Ok(p) if p.ino == f.ino && p.dev == f.dev);
+                let moved = match ps {
+                    Ok(_) => !names_it,
+                    Err(e) => e.0 == libc::ENOENT,
+                };
+                if same && moved && hid.is_none() {
+                    hid = f.path.parent().map(Path::to_path_buf);
+                }
                 f.dir_stamp = if names_it { stamp } else { None };
                 if names_it {
                     f.path_verified = now;
@@ -1208,6 +1223,9 @@ impl Tailer {
                 f.path_checked_size = results[i].0.map_or(f.size, |st| st.size);
             }
             results[i].1 = ps;
+        }
+        if let Some(dir) = hid {
+            self.discovery.distrust_mtimes(&dir);
         }
         results
     }
@@ -1686,11 +1704,7 @@ enum Op {
 /// Directory stamps changed this recently (by the wall clock) are not trusted: a rename in
 /// the same timestamp granule as the stat (1 s on some NFS servers) would leave the stamp as it
 /// was. Generous, for clock skew between the collector and a file server.
-const RACY: Duration = Duration::from_secs(10);
-
-/// Paths are stated at least every this many `discover_interval`s even in a directory whose
-/// stamp did not change (filesystems that do not keep directory times).
-const PATH_RECHECK_EVERY: u32 = 12;
+const RACY: Duration = crate::discovery::RACY;
 
 /// What a directory's stat says of its entries: a rename, creation or removal in it changes its
 /// mtime and ctime; replacing the directory changes its inode.
