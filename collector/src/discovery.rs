@@ -376,6 +376,12 @@ impl Discovery {
         u32::try_from(self.full_gap).unwrap_or(u32::MAX)
     }
 
+    /// Whether directory mtimes are trusted to show every change here (no evidence against
+    /// them yet; see [`Discovery::distrust_mtimes`]).
+    pub fn mtimes_trusted(&self) -> bool {
+        !self.mtimes_lie
+    }
+
     /// Evidence that directory mtimes can't be trusted here: `dir`'s entries changed while
     /// its mtime (old enough to be trusted) did not. Full re-lists, and the tailer's path
     /// re-checks, stay at their shortest spacing from now on.
@@ -635,6 +641,7 @@ impl Discovery {
             }
             self.next_full = self.passes + self.full_gap;
         }
+        events.discovery_full_rescan(self.full_gap);
         events.discovery(t.elapsed());
         let mut found: Vec<Candidate> = found.into_values().collect();
         found.sort_by(|a, b| a.path.cmp(&b.path));
@@ -1168,6 +1175,14 @@ mod tests {
             .expect("set mtime");
     }
 
+    /// `r/p1/a.log`: returns `r` and the pod directory.
+    fn one_pod(r: &Path) -> (&Path, PathBuf) {
+        let pod = r.join("p1");
+        std::fs::create_dir_all(&pod).expect("mkdir");
+        std::fs::write(pod.join("a.log"), "x\n").expect("w");
+        (r, pod)
+    }
+
     fn mtime(dir: &Path) -> std::time::SystemTime {
         std::fs::metadata(dir)
             .and_then(|m| m.modified())
@@ -1177,10 +1192,7 @@ mod tests {
     #[test]
     fn young_listings_are_read_again_though_their_mtime_stayed() {
         let t = tempfile::tempdir().expect("tmp");
-        let r = t.path();
-        let pod = r.join("p1");
-        std::fs::create_dir_all(&pod).expect("mkdir");
-        std::fs::write(pod.join("a.log"), "x\n").expect("w");
+        let (r, pod) = one_pod(t.path());
         let glob = format!("{}/*/*.log", r.display());
         for racy in [Duration::from_secs(3600), Duration::ZERO] {
             let _ = std::fs::remove_file(pod.join("b.log"));
@@ -1209,10 +1221,7 @@ mod tests {
     #[test]
     fn full_relists_back_off_while_mtimes_hold_and_stay_frequent_once_one_hid_a_change() {
         let t = tempfile::tempdir().expect("tmp");
-        let r = t.path();
-        let pod = r.join("p1");
-        std::fs::create_dir_all(&pod).expect("mkdir");
-        std::fs::write(pod.join("a.log"), "x\n").expect("w");
+        let (r, pod) = one_pod(t.path());
         let mut d = Discovery::new(&[source(&[format!("{}/*/*.log", r.display())], &[])], None)
             .expect("new");
         d.racy = Duration::ZERO;

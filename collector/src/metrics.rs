@@ -46,6 +46,7 @@ pub struct Events {
     checkpoint_age: Gauge,
     probe_wakeups: Counter,
     hints_dropped: Counter,
+    discovery_full_rescan: Gauge,
 }
 
 impl std::fmt::Debug for Events {
@@ -83,6 +84,7 @@ impl Events {
             checkpoint_age: gauge!("voltail_checkpoint_age_seconds"),
             probe_wakeups: counter!("voltail_probe_wakeups_total"),
             hints_dropped: counter!("voltail_probe_hints_dropped_total"),
+            discovery_full_rescan: gauge!("voltail_discovery_full_rescan_passes"),
         }
     }
 
@@ -138,6 +140,11 @@ impl Events {
     /// One discovery pass took `d`.
     pub fn discovery(&self, d: Duration) {
         self.discovery_seconds.record(d.as_secs_f64());
+    }
+    /// Discovery passes between full re-lists now: 12 to 96 while directory mtimes have shown
+    /// every change, 12 for good once one hid a change (see `discovery`).
+    pub fn discovery_full_rescan(&self, passes: u64) {
+        self.discovery_full_rescan.set(passes as f64);
     }
     /// A batch was delivered.
     pub fn sink_delivered(&self, raw: usize, compressed: usize) {

@@ -57,6 +57,9 @@ struct Counting {
     stats: Arc<std::sync::atomic::AtomicU64>,
     paths: Arc<std::sync::atomic::AtomicU64>,
     dirs: Arc<std::sync::atomic::AtomicU64>,
+    /// While set, directories' stats show one old mtime and ctime: a filesystem that does
+    /// not keep directory times.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ReadBackend for Counting {
@@ -77,6 +80,16 @@ impl ReadBackend for Counting {
         self.dirs
             .fetch_add(dirs as u64, std::sync::atomic::Ordering::Relaxed);
         self.inner.stat_batch(ops);
+        if self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
+            for o in ops.iter_mut() {
+                if o.path.is_some_and(|p| !p.to_bytes().ends_with(b".log")) {
+                    if let Ok(st) = o.path_stat.as_mut() {
+                        st.mtime_ns = 1_000_000_000;
+                        st.ctime_ns = 1_000_000_000;
+                    }
+                }
+            }
+        }
     }
     fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) {
         self.inner.read_batch(ops);
@@ -88,6 +101,7 @@ struct Harness {
     stats: Arc<std::sync::atomic::AtomicU64>,
     paths: Arc<std::sync::atomic::AtomicU64>,
     dirs: Arc<std::sync::atomic::AtomicU64>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     backend: usize,
     /// The include glob under the root.
     glob: &'static str,
@@ -135,6 +149,7 @@ impl Harness {
             stats: Arc::default(),
             paths: Arc::default(),
             dirs: Arc::default(),
+            frozen: Arc::default(),
             backend,
             glob: "*/app.log",
             extra: extra.to_string(),
@@ -177,6 +192,7 @@ impl Harness {
                 stats: Arc::clone(&self.stats),
                 paths: Arc::clone(&self.paths),
                 dirs: Arc::clone(&self.dirs),
+                frozen: Arc::clone(&self.frozen),
             }),
             builder: BatchBuilder::new(
                 BatchLimits {
@@ -324,6 +340,56 @@ fn a_listed_directory_that_changed_has_its_followed_paths_checked_at_once() {
         h.messages().last().map(String::as_str),
         Some("successor"),
         "the successor was found in the step after the rename"
+    );
+}
+
+/// On a filesystem that does not keep directory times, a followed path replaced in an idle
+/// directory is found by the path re-check due regardless (12 `discover_interval`s), and
+/// that check, having caught the directory's stamp hiding a change, tells discovery to stop
+/// trusting mtimes (full re-lists and re-checks stay at their shortest spacing).
+#[test]
+fn a_path_replaced_under_an_unchanged_directory_stamp_is_found_and_mtimes_distrusted() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("pod0/app.log");
+    append(&log, "first\n");
+    let mut h = Harness::new(d.path(), "discover_interval = \"5s\"\n");
+    h.tailer.as_mut().expect("t").racy = Duration::ZERO;
+    h.frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..4 {
+        h.step(true);
+    }
+    let trusted = |h: &Harness| h.tailer.as_ref().expect("t").discovery.mtimes_trusted();
+    assert!(trusted(&h));
+    std::fs::rename(&log, d.path().join("pod0/app.old")).expect("rotate");
+    append(&log, "successor\n");
+    for _ in 0..10 {
+        h.step(true);
+    }
+    assert_eq!(
+        h.messages(),
+        ["first"],
+        "the frozen stamp hides the new file"
+    );
+    assert!(trusted(&h));
+    // Found at the re-check due regardless, whose spacing grows with discovery's full
+    // re-lists while they find nothing amiss (up to 96 intervals: 480 s here).
+    let mut steps = 0;
+    while h.messages().len() < 2 && steps < 600 {
+        h.step(true);
+        steps += 1;
+    }
+    assert_eq!(
+        h.messages(),
+        ["first", "successor"],
+        "found by the re-check"
+    );
+    assert!(
+        !trusted(&h),
+        "the re-check caught the stamp hiding a change"
+    );
+    assert_eq!(
+        h.tailer.as_ref().expect("t").discovery.full_rescan_every(),
+        12
     );
 }
 
