@@ -5,7 +5,9 @@
 //! one directory listing plus one `lstat` per pod directory; on NFS each call is a round trip.
 //! Listings are cached by directory mtime and reused until the directory changes. A listing
 //! whose mtime was younger than [`RACY`] when it was read is read again at the next pass: a
-//! second change within a coarse timestamp's granule leaves the mtime as it was. Every
+//! second change within a coarse timestamp's granule leaves the mtime as it was. (Younger by
+//! the wall clock, or seen for less than [`RACY`]: a file server whose clock runs ahead would
+//! otherwise keep its directories re-listed at every pass.) Every
 //! directory is re-listed regardless now and then, for filesystems that do not update
 //! directory mtimes: `FULL_RESCAN_EVERY` passes after the start, then at twice the spacing
 //! each time such a re-list finds nothing the mtimes had not shown, up to `FULL_RESCAN_MAX`;
@@ -210,8 +212,12 @@ struct Held {
     mtime: i64,
     /// Its entries, sorted.
     items: Vec<(OsString, Kind)>,
-    /// The mtime was older than [`RACY`] when the listing was read: while the directory shows
-    /// that mtime, the listing holds.
+    /// When this pass first saw the directory at `mtime`.
+    seen: Instant,
+    /// The listing was read when `mtime` was older than [`RACY`] by the wall clock, or at least
+    /// [`RACY`] after this process first saw it (a file server's clock running ahead of ours
+    /// must not keep a directory re-listed at every pass): while the directory shows that
+    /// mtime, the listing holds.
     trusted: bool,
     /// The `known` generation of a pass in which every entry the last glob component matched
     /// was a file the tailer follows: while the listing and the generation stay the same, a
@@ -540,9 +546,12 @@ impl Discovery {
                         }
                     }
                     Listing::Read(mtime, items) => {
-                        let trusted = wall.saturating_sub(mtime) >= racy;
                         let mut settled = None;
+                        let mut seen = t;
                         if let Some(old) = self.listings.get(&dir) {
+                            if old.mtime == mtime {
+                                seen = old.seen;
+                            }
                             if old.mtime != mtime || old.items != items {
                                 self.changed_dirs.push(dir.clone());
                                 if old.trusted && old.mtime == mtime && hid_change.is_none() {
@@ -553,9 +562,12 @@ impl Discovery {
                                 settled = old.settled;
                             }
                         }
+                        let trusted = wall.saturating_sub(mtime) >= racy
+                            || t.duration_since(seen) >= self.racy;
                         let held = Held {
                             mtime,
                             items,
+                            seen,
                             trusted,
                             settled,
                             pass: self.passes,
@@ -1216,6 +1228,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_directory_stamped_in_the_future_is_trusted_once_seen_long_enough() {
+        let t = tempfile::tempdir().expect("tmp");
+        let (r, pod) = one_pod(t.path());
+        // A file server whose clock runs an hour ahead of ours.
+        set_mtime(
+            &pod,
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+        );
+        let mut d = Discovery::new(&[source(&[format!("{}/*/*.log", r.display())], &[])], None)
+            .expect("new");
+        d.racy = Duration::from_millis(200);
+        assert_eq!(names(&mut d, r), ["p1/a.log"]);
+        assert!(
+            !d.listings[&pod].trusted,
+            "an mtime ahead of our clock is young"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(names(&mut d, r), ["p1/a.log"]);
+        assert!(
+            d.listings[&pod].trusted,
+            "seen unchanged for longer than RACY"
+        );
     }
 
     #[test]
