@@ -444,8 +444,9 @@ impl Discovery {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         let racy = i64::try_from(self.racy.as_nanos()).unwrap_or(i64::MAX);
-        // A directory whose entries a full re-list found changed under the same trusted mtime.
-        let mut hid_change: Option<PathBuf> = None;
+        // A directory whose entries a full re-list found changed under the same trusted mtime,
+        // and that mtime.
+        let mut hid_change: Option<(PathBuf, i64)> = None;
         let mut found: HashMap<PathBuf, Candidate> = HashMap::new();
         // Symlinked directories entered, per include pattern (symlink loops end there).
         let mut visited: HashMap<(usize, usize), HashSet<PathBuf>> = HashMap::new();
@@ -555,7 +556,7 @@ impl Discovery {
                             if old.mtime != mtime || old.items != items {
                                 self.changed_dirs.push(dir.clone());
                                 if old.trusted && old.mtime == mtime && hid_change.is_none() {
-                                    hid_change = Some(dir.clone());
+                                    hid_change = Some((dir.clone(), mtime));
                                 }
                             } else {
                                 // Read again (young, or a full re-list) and the same.
@@ -644,8 +645,15 @@ impl Discovery {
         // Forget listings of directories that are gone or no longer walked.
         let pass = self.passes;
         self.listings.retain(|_, held| held.pass == pass);
-        if let Some(dir) = hid_change {
-            self.distrust_mtimes(&dir);
+        // Unless the directory changed between its stat and its listing (an entry created in
+        // between is no evidence): stated again, it still shows the mtime.
+        if let Some((dir, mtime)) = hid_change {
+            let again = std::fs::metadata(&dir)
+                .ok()
+                .map(|md| md.mtime() * 1_000_000_000 + md.mtime_nsec());
+            if again == Some(mtime) {
+                self.distrust_mtimes(&dir);
+            }
         }
         if full {
             if !self.mtimes_lie {

@@ -1204,7 +1204,8 @@ impl Tailer {
                 f.path_checked_size = results[i].0.map_or(f.size, |st| st.size);
             }
         }
-        let mut hid: Option<PathBuf> = None;
+        // A directory whose stamp seems to have hidden a change, and that stamp.
+        let mut hid: Option<(CString, Option<DirStamp>)> = None;
         for ((i, stamp, same), ps) in check.into_iter().zip(paths) {
             if let Some(f) = self.files.get_mut(&chunk[i]) {
                 let names_it = matches!(ps, Ok(p) if p.ino == f.ino && p.dev == f.dev);
@@ -1213,7 +1214,7 @@ impl Tailer {
                     Err(e) => e.0 == libc::ENOENT,
                 };
                 if same && moved && hid.is_none() {
-                    hid = f.path.parent().map(Path::to_path_buf);
+                    hid = Some((f.cdir.clone(), stamp));
                 }
                 f.dir_stamp = if names_it { stamp } else { None };
                 if names_it {
@@ -1224,8 +1225,19 @@ impl Tailer {
             }
             results[i].1 = ps;
         }
-        if let Some(dir) = hid {
-            self.discovery.distrust_mtimes(&dir);
+        if let Some((cdir, stamp)) = hid {
+            // Unless the directory changed between its stat and the path's (a rename in
+            // between is no evidence): stated again, it still shows the stamp.
+            let mut op = [StatOp::new(-1, Some(cdir.as_c_str()))];
+            self.backend.stat_batch(&mut op);
+            let again = op[0]
+                .path_stat
+                .ok()
+                .and_then(|st| DirStamp::trusted(&st, wall_ns(), self.racy));
+            if again.is_some() && again == stamp {
+                let dir = Path::new(std::ffi::OsStr::from_bytes(cdir.to_bytes()));
+                self.discovery.distrust_mtimes(dir);
+            }
         }
         results
     }
