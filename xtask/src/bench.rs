@@ -1387,8 +1387,14 @@ mod tests {
             .expect("starts");
         r.wait_lines(tree.total_lines(), Duration::from_secs(30))
             .expect("delivers");
+        // cat exits once it has copied everything: stopping it before it has would kill it
+        // (the lines can be in the output a moment before the shell exits).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.proc.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let e = r.stop().expect("stops");
-        assert!(e.status.success());
+        assert!(e.status.success(), "{:?}", e.status);
         let v = r.verify(&tree).expect("verifies");
         assert!(v.ok(), "{}", v.describe());
         assert_eq!(v.delivered, tree.total_lines());
