@@ -165,12 +165,17 @@ enum Listing {
     Read(i64, Vec<(OsString, Kind)>),
 }
 
+/// A directory's mtime in nanoseconds, as listings hold it.
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
 /// Lists `dir` unless its mtime is `cached` (the mtime of the listing held), entries sorted.
 fn fetch_listing(dir: &Path, cached: Option<i64>) -> Listing {
     let Ok(md) = std::fs::metadata(dir) else {
         return Listing::Gone;
     };
-    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    let mtime = mtime_ns(&md);
     if cached == Some(mtime) {
         return Listing::Unchanged;
     }
@@ -648,9 +653,7 @@ impl Discovery {
         // Unless the directory changed between its stat and its listing (an entry created in
         // between is no evidence): stated again, it still shows the mtime.
         if let Some((dir, mtime)) = hid_change {
-            let again = std::fs::metadata(&dir)
-                .ok()
-                .map(|md| md.mtime() * 1_000_000_000 + md.mtime_nsec());
+            let again = std::fs::metadata(&dir).ok().map(|md| mtime_ns(&md));
             if again == Some(mtime) {
                 self.distrust_mtimes(&dir);
             }
