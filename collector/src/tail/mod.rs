@@ -95,6 +95,15 @@ const HINT_READ: usize = 4 * 1024;
 const MIN_TICK: Duration = Duration::from_millis(20);
 /// Writers of files not tracked yet remembered, so a new file's first events carry its writer.
 const PENDING_WRITERS: usize = 4096;
+/// Untracked inodes whose writes make discovery look soon, at most: hinted since the last
+/// pass (`asked`), or found unmatched by one (`unmatched`).
+const UNMATCHED_KEPT: usize = 16_384;
+/// How long a write to an inode that a discovery pass did not turn into a tracked file stops
+/// making discovery look soon. Such files are common (a pod's `debug.log` the globs leave out,
+/// another shard's files, the checkpoint of another instance on the same device), and without
+/// this each of their writes would cost a discovery pass every 200 ms. A file that comes to
+/// match later (renamed into a matching name) is found by the regular passes meanwhile.
+const UNMATCHED_FOR: Duration = Duration::from_secs(60);
 /// Released files remembered, so that one coming back (its directory vanished and returned)
 /// resumes where it was released instead of being read again.
 const RELEASED_KEPT: usize = 4096;
@@ -240,6 +249,11 @@ pub struct Tailer {
     released_order: std::collections::VecDeque<u64>,
     /// Writers the probe named for files not tracked yet, by (dev, ino).
     pending_writers: HashMap<(u64, u64), Arc<Writer>>,
+    /// Untracked inodes the probe saw written since the last discovery pass.
+    asked: std::collections::HashSet<(u64, u64)>,
+    /// Untracked inodes a discovery pass looked for and did not find, with when their writes
+    /// may make discovery look soon again ([`UNMATCHED_FOR`]).
+    unmatched: HashMap<(u64, u64), Instant>,
     scratch: String,
 }
 
@@ -325,6 +339,8 @@ impl Tailer {
             released: HashMap::new(),
             released_order: std::collections::VecDeque::new(),
             pending_writers: HashMap::new(),
+            asked: std::collections::HashSet::new(),
+            unmatched: HashMap::new(),
             scratch: String::new(),
         }
     }
@@ -513,7 +529,14 @@ impl Tailer {
                         }
                         self.pending_writers.insert((dev, ino), w);
                     }
-                    // A write to a file we don't track yet under a watched mount: look soon.
+                    // A write to a file we don't track yet under a watched mount: look soon,
+                    // unless a pass looked for this one lately and did not find it.
+                    if self.unmatched.get(&(dev, ino)).is_some_and(|t| now < *t) {
+                        return;
+                    }
+                    if self.asked.len() < UNMATCHED_KEPT {
+                        self.asked.insert((dev, ino));
+                    }
                     let soon = now + Duration::from_millis(200);
                     if self.next_discovery > soon {
                         self.next_discovery = soon;
@@ -638,6 +661,7 @@ impl Tailer {
             self.consider(c, opened, now, initial);
         }
         self.discovered_once = true;
+        self.note_unmatched(now);
         if !self.restore.is_empty() {
             self.finish_restore(now);
         }
@@ -650,6 +674,25 @@ impl Tailer {
         self.next_discovery = now + every;
         self.failed_opens
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+    }
+
+    /// After a discovery pass: the inodes the probe saw written that it did not turn into
+    /// tracked files stop making discovery look soon for a while ([`UNMATCHED_FOR`]).
+    fn note_unmatched(&mut self, now: Instant) {
+        if self.unmatched.len() + self.asked.len() > UNMATCHED_KEPT {
+            self.unmatched.retain(|_, t| now < *t);
+        }
+        for k in self.asked.drain() {
+            if !self.by_ino.contains_key(&k) && self.unmatched.len() < UNMATCHED_KEPT {
+                tracing::debug!(
+                    dev = k.0,
+                    ino = k.1,
+                    "a file written under a watched mount \
+                    is not collected; its writes wake discovery again in {UNMATCHED_FOR:?}"
+                );
+                self.unmatched.insert(k, now + UNMATCHED_FOR);
+            }
+        }
     }
 
     fn consider(&mut self, c: Candidate, opened: Opened, now: Instant, initial: bool) {

@@ -1240,3 +1240,59 @@ fn idle_polls_fall_on_a_grid_of_half_intervals_within_an_interval() {
         epoch + Duration::from_nanos(1)
     );
 }
+
+/// A write the probe saw to a file no glob takes makes discovery look once, not at every
+/// write: the pass that finds it unmatched quiets it for [`UNMATCHED_FOR`], while a write to a
+/// new file that matches still makes discovery look at once.
+#[test]
+fn writes_to_an_uncollected_file_wake_discovery_once_not_at_every_write() {
+    let d = tempfile::tempdir().expect("tmp");
+    append(&d.path().join("a/app.log"), "a1\n");
+    let debug = d.path().join("a/debug.txt");
+    append(&debug, "d1\n");
+    let mut h = Harness::new(d.path(), "discover_interval = \"5s\"\n");
+    h.step(true);
+    let hint = |p: &Path| {
+        let m = std::fs::metadata(p).expect("stat");
+        Hint::Write {
+            dev: m.dev(),
+            ino: m.ino(),
+            writer: None,
+        }
+    };
+    let soon = |h: &Harness| {
+        h.tailer.as_ref().expect("t").next_discovery <= h.now + Duration::from_millis(200)
+    };
+    // The first write: discovery looks within 200 ms, and finds nothing to collect.
+    rounds_10ms_later(&mut h, Some(hint(&debug)));
+    assert!(soon(&h), "an unknown inode makes discovery look soon");
+    h.now += Duration::from_millis(200);
+    let now = h.now;
+    while h.tailer.as_mut().expect("t").step(now, false) {}
+    assert!(!soon(&h), "the pass ran");
+    // Later writes to it leave discovery at its pace.
+    for _ in 0..5 {
+        append(&debug, "d\n");
+        rounds_10ms_later(&mut h, Some(hint(&debug)));
+        assert!(
+            !soon(&h),
+            "a write to a file found unmatched wakes discovery again"
+        );
+    }
+    // A new file that matches still wakes it at once, and is read then.
+    let b = d.path().join("b/app.log");
+    append(&b, "b1\n");
+    rounds_10ms_later(&mut h, Some(hint(&b)));
+    assert!(soon(&h), "a new matching file makes discovery look soon");
+    h.now += Duration::from_millis(200);
+    let now = h.now;
+    while h.tailer.as_mut().expect("t").step(now, false) {}
+    h.deliver(false);
+    assert_eq!(h.messages(), ["a1", "b1"]);
+    // After UNMATCHED_FOR, a write to the unmatched file makes discovery look once more.
+    h.now += UNMATCHED_FOR;
+    let now = h.now;
+    while h.tailer.as_mut().expect("t").step(now, false) {}
+    rounds_10ms_later(&mut h, Some(hint(&debug)));
+    assert!(soon(&h), "the quiet ends");
+}
