@@ -192,6 +192,13 @@ impl Probe {
         self.inner.set_devices(devices)
     }
 
+    /// Stops writes to inode `ino` of device `st_dev` from sending events for `span`: a file
+    /// the daemon does not collect. Later calls for the same inode replace the span; the map
+    /// holds 16,384 inodes and forgets the least used beyond that.
+    pub fn mute(&mut self, st_dev: u64, ino: u64, span: Duration) -> Result<(), ProbeError> {
+        self.inner.mute(st_dev, ino, span)
+    }
+
     /// Waits up to `timeout` for events, then appends every available one to `out`.
     ///
     /// Returns as soon as at least one event is there, except within

@@ -79,12 +79,26 @@ struct ProbeConfig {
 // every bit pattern is valid and it can be copied to and from the kernel byte for byte.
 unsafe impl aya::Pod for ProbeConfig {}
 
+/// Key of the `muted` map. Keep in step with `struct mute_key` in probe.bpf.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct MuteKey {
+    /// Kernel dev_t, as in `watched_devs`.
+    dev: u64,
+    ino: u64,
+}
+
+// SAFETY: `MuteKey` is `repr(C)`, two u64s with no padding, so every bit pattern is valid and
+// it can be copied to and from the kernel byte for byte.
+unsafe impl aya::Pod for MuteKey {}
+
 /// The loaded object and the maps user space works with.
 pub(crate) struct Loaded {
     /// Owns the programs and their links; dropping it detaches them.
     ebpf: Ebpf,
     events: Ring,
     watched: HashMap<MapData, u32, u8>,
+    muted: HashMap<MapData, MuteKey, u64>,
     lost: PerCpuArray<MapData, u64>,
     coalesced: PerCpuArray<MapData, u64>,
     attach: Attach,
@@ -158,6 +172,9 @@ impl Loaded {
             .ok_or_else(|| missing("watched_devs"))?;
         let watched = HashMap::try_from(watched)
             .map_err(|e| map_error("watched_devs", "has the wrong type", e))?;
+        let muted = ebpf.take_map("muted").ok_or_else(|| missing("muted"))?;
+        let muted =
+            HashMap::try_from(muted).map_err(|e| map_error("muted", "has the wrong type", e))?;
         let lost = ebpf.take_map("lost").ok_or_else(|| missing("lost"))?;
         let lost =
             PerCpuArray::try_from(lost).map_err(|e| map_error("lost", "has the wrong type", e))?;
@@ -171,6 +188,7 @@ impl Loaded {
             ebpf,
             events,
             watched,
+            muted,
             lost,
             coalesced,
             attach: opts.attach,
@@ -360,6 +378,25 @@ impl Loaded {
         })
     }
 
+    pub(crate) fn mute(&mut self, st_dev: u64, ino: u64, span: Duration) -> Result<(), ProbeError> {
+        let Some(kdev) = dev::kernel_from_st_dev(st_dev) else {
+            // Not a device the probe can watch either: nothing of it comes to mute.
+            return Ok(());
+        };
+        let until =
+            monotonic_ns().saturating_add(u64::try_from(span.as_nanos()).unwrap_or(u64::MAX));
+        self.muted
+            .insert(
+                MuteKey {
+                    dev: u64::from(kdev),
+                    ino,
+                },
+                until,
+                0,
+            )
+            .map_err(|e| map_error("muted", "muting an inode failed", e))
+    }
+
     pub(crate) fn lost(&self) -> Result<u64, ProbeError> {
         let values = self
             .lost
@@ -494,4 +531,15 @@ fn missing_program(program: &str) -> ProbeError {
         what: program.to_string(),
         source: "the program is missing from the object".into(),
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

@@ -78,6 +78,24 @@ struct {
 	__type(value, struct probe_config);
 } config SEC(".maps");
 
+/* Keep in step with `MuteKey` in loader.rs. */
+struct mute_key {
+	__u64 dev; /* kernel dev_t, as in watched_devs */
+	__u64 ino;
+};
+
+/*
+ * Inodes on watched devices whose writes the daemon does not want for now (files no glob
+ * takes: a pod's debug.log, another shard's files) -> CLOCK_MONOTONIC ns until which their
+ * writes send nothing. Filled by user space; LRU, so a full map forgets the least used.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct mute_key);
+	__type(value, __u64);
+} muted SEC(".maps");
+
 /*
  * Per thread: the file its write in flight goes to. Task-local storage rather
  * than a hash keyed by thread id: a lookup is a pointer chase instead of a
@@ -165,8 +183,8 @@ static __always_inline struct file *fd_file(unsigned long fd, const bool btf)
 }
 
 /*
- * Whether `file` is a regular file on a watched device and `tgid` is not the collector: then
- * fills `out` and returns 1.
+ * Whether `file` is a regular file on a watched device, not muted, and `tgid` is not the
+ * collector: then fills `out` and returns 1.
  */
 static __always_inline int watched_inode(struct file *file, __u32 tgid, struct pending *out)
 {
@@ -185,6 +203,10 @@ static __always_inline int watched_inode(struct file *file, __u32 tgid, struct p
 		return 0;
 	out->dev = dev;
 	out->ino = BPF_CORE_READ(inode, i_ino);
+	struct mute_key mk = { .dev = dev, .ino = out->ino };
+	__u64 *until = bpf_map_lookup_elem(&muted, &mk);
+	if (until && bpf_ktime_get_ns() < *until)
+		return 0;
 	out->valid = 1;
 	return 1;
 }

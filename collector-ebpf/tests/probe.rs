@@ -337,6 +337,55 @@ fn own_writes_and_unwatched_devices_are_not_reported() {
     assert_eq!(devs, HashSet::from([dev]), "events from unwatched devices");
 }
 
+/// A muted inode's writes send nothing while its span lasts, on every attachment (the check
+/// is in the shared filter), and send again once it ended; other files are unaffected.
+#[test]
+fn a_muted_inode_sends_nothing_until_its_span_ends() {
+    if can_test("a_muted_inode_sends_nothing_until_its_span_ends").is_none() {
+        return;
+    }
+    for attach in [Attach::Auto, Attach::Tracepoints, Attach::TpBtf] {
+        let dir = temp_dir();
+        let muted = new_file(dir.path(), "debug.txt");
+        let other = new_file(dir.path(), "app.log");
+        let dev = std::fs::metadata(dir.path()).expect("stat dir").dev();
+        let (ino, _) = ino_dev(&muted);
+        let (other_ino, _) = ino_dev(&other);
+        let mut probe = load(vec![dev], attach);
+        let sh = |path: &Path, text: &str| {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf {text} >> '{}'", path.display()))
+                .status()
+                .expect("sh");
+            assert!(st.success());
+        };
+        probe.mute(dev, ino, Duration::from_secs(60)).expect("mute");
+        // The muted file is written first: its event, were there one, would come before the
+        // other file's (one ring buffer, reserved in write order).
+        sh(&muted, "a");
+        sh(&other, "bb");
+        let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
+            e.ino == other_ino && e.bytes == 2
+        });
+        assert!(hit, "{attach:?}: no event for the file not muted");
+        assert!(
+            !seen.iter().any(|e| e.ino == ino),
+            "{attach:?}: a muted inode's write was reported: {seen:?}"
+        );
+        // A short span, then a write after it ended.
+        probe
+            .mute(dev, ino, Duration::from_millis(100))
+            .expect("mute again");
+        std::thread::sleep(Duration::from_millis(200));
+        sh(&muted, "ccc");
+        let (_, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
+            e.ino == ino && e.bytes == 3
+        });
+        assert!(hit, "{attach:?}: no event after the mute ended");
+    }
+}
+
 #[test]
 fn set_devices_changes_the_filter() {
     if can_test("set_devices_changes_the_filter").is_none() {

@@ -47,6 +47,7 @@ pub struct Events {
     probe_wakeups: Counter,
     hints_dropped: Counter,
     discovery_full_rescan: Gauge,
+    probe_uncollected: Gauge,
 }
 
 impl std::fmt::Debug for Events {
@@ -85,6 +86,7 @@ impl Events {
             probe_wakeups: counter!("voltail_probe_wakeups_total"),
             hints_dropped: counter!("voltail_probe_hints_dropped_total"),
             discovery_full_rescan: gauge!("voltail_discovery_full_rescan_passes"),
+            probe_uncollected: gauge!("voltail_probe_uncollected_files"),
         }
     }
 
@@ -145,6 +147,11 @@ impl Events {
     /// every change, 12 for good once one hid a change (see `discovery`).
     pub fn discovery_full_rescan(&self, passes: u64) {
         self.discovery_full_rescan.set(passes as f64);
+    }
+    /// Files the probe saw written under a watched mount in the last minute that no source
+    /// collects (their writes are muted in the probe meanwhile).
+    pub fn probe_uncollected(&self, n: usize) {
+        self.probe_uncollected.set(n as f64);
     }
     /// A batch was delivered.
     pub fn sink_delivered(&self, raw: usize, compressed: usize) {

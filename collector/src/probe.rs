@@ -175,6 +175,12 @@ fn drain(
                 }
             }
         }
+        for m in hints.take_mutes() {
+            if let Err(e) = probe.mute(m.dev, m.ino, m.span) {
+                tracing::debug!(error = %voltail_ebpf::error_chain(&e), dev = m.dev, ino = m.ino,
+                    "muting an inode in the probe failed; its writes keep coming as hints");
+            }
+        }
         batch.clear();
         if let Err(e) = probe.poll(POLL_TIMEOUT, &mut batch) {
             // Log a run of failures once; sleep so a persistent one does not spin.
@@ -425,6 +431,62 @@ mod tests {
             got = hints.contains(&want);
         }
         assert!(got, "no hint after the device was added");
+        handle.stop();
+    }
+
+    /// A mute the reader posts reaches the kernel through the drain thread: the muted file's
+    /// writes bring no hint, another file's do.
+    #[test]
+    fn a_mute_posted_by_the_reader_silences_that_file_in_the_kernel() {
+        if can_test("a_mute_posted_by_the_reader_silences_that_file_in_the_kernel").is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+        let (muted, other) = (dir.path().join("debug.txt"), dir.path().join("app.log"));
+        for p in [&muted, &other] {
+            std::fs::write(p, b"").expect("create");
+        }
+        let (m, o) = (
+            std::fs::metadata(&muted).expect("stat"),
+            std::fs::metadata(&other).expect("stat"),
+        );
+        let (tx, rx) = crate::tail::hints::mailbox(1024);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn(ProbeMode::On, vec![m.dev()], false, WINDOW, tx, stop)
+            .expect("probe on")
+            .expect("a handle when on");
+        rx.mute([crate::tail::hints::Mute {
+            dev: m.dev(),
+            ino: m.ino(),
+            span: Duration::from_secs(60),
+        }]);
+        // The drain thread applies mutes before each poll (at most ~100 ms apart).
+        std::thread::sleep(Duration::from_millis(300));
+        let append = |p: &std::path::Path| {
+            let st = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf 'x\\n' >> '{}'", p.display()))
+                .status()
+                .expect("sh");
+            assert!(st.success());
+        };
+        append(&muted);
+        append(&other);
+        let hint = |meta: &std::fs::Metadata| Hint::Write {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            writer: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut seen = Vec::new();
+        while !seen.contains(&hint(&o)) && Instant::now() < deadline {
+            rx.wait(Duration::from_millis(200), &mut seen);
+        }
+        assert!(seen.contains(&hint(&o)), "no hint for the file not muted");
+        assert!(
+            !seen.contains(&hint(&m)),
+            "a hint for the muted file: {seen:?}"
+        );
         handle.stop();
     }
 

@@ -82,6 +82,22 @@ pub struct Cost {
     pub attach: voltail_ebpf::Attach,
     /// Events the probe delivered while on.
     pub events: u64,
+    /// Median over the rounds of (probe on / probe off), each round's phases side by side:
+    /// steadier than the ratio of the totals on a noisy machine, where one slow phase would
+    /// move the totals' ratio by several percent.
+    pub on_ratio: f64,
+    /// The same for the empty program.
+    pub floor_ratio: f64,
+}
+
+/// The median of `v` (NaN for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Why the probe cannot run here, or `None` when it loads.
@@ -117,15 +133,18 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
     let mut attach = voltail_ebpf::Attach::Auto;
     // Warm the page cache and the allocator; not counted.
     write_phase(&file, &mut gen, style, phase / 4)?;
+    let (mut on_ratios, mut floor_ratios) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        add(&mut off, write_phase(&file, &mut gen, style, phase)?);
+        let this_off = write_phase(&file, &mut gen, style, phase)?;
+        add(&mut off, this_off);
         let empty = Probe::load(&ProbeOptions {
             devices: vec![dev],
             attach: voltail_ebpf::Attach::Floor,
             ..ProbeOptions::default()
         })
         .context("loading the empty program")?;
-        add(&mut floor, write_phase(&file, &mut gen, style, phase)?);
+        let this_floor = write_phase(&file, &mut gen, style, phase)?;
+        add(&mut floor, this_floor);
         drop(empty);
         let probe = Probe::load(&ProbeOptions {
             devices: vec![dev],
@@ -135,8 +154,11 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
         attach = probe.attach_kind();
         let drain = Drain::start(probe);
         std::thread::sleep(Duration::from_millis(50));
-        add(&mut on, write_phase(&file, &mut gen, style, phase)?);
+        let this_on = write_phase(&file, &mut gen, style, phase)?;
+        add(&mut on, this_on);
         events += drain.stop();
+        on_ratios.push(this_on.ns_per_line() / this_off.ns_per_line());
+        floor_ratios.push(this_floor.ns_per_line() / this_off.ns_per_line());
     }
     drop(file);
     let _ = std::fs::remove_file(&path);
@@ -146,6 +168,8 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
         on,
         attach,
         events,
+        on_ratio: median(on_ratios),
+        floor_ratio: median(floor_ratios),
     })
 }
 
@@ -256,4 +280,16 @@ fn thread_cpu() -> Duration {
     // SAFETY: the pointer is valid for the call.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_ignores_one_outlying_round() {
+        assert_eq!(median(vec![1.02, 1.60, 1.01]), 1.02);
+        assert_eq!(median(vec![1.0, 3.0, 2.0, 4.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
 }

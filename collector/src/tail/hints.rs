@@ -9,6 +9,10 @@
 //! thread posts each drained batch under one lock instead of one message per file.
 //!
 //! A full mailbox drops the hint (the sender counts it): the safety poll reads the file anyway.
+//!
+//! The other way, the reader posts mutes: inodes whose writes it does not want for a while
+//! (files no glob takes), which the probe thread hands to the kernel so that their writes cost
+//! no event and no wake-up ([`HintReceiver::mute`], [`HintSender::take_mutes`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -32,7 +36,25 @@ struct State {
     hints: Vec<Hint>,
     /// The receiver is (about to be) blocked in `wait`.
     sleeping: bool,
+    /// Mutes posted by the reader, not taken by the probe thread yet.
+    mutes: Vec<Mute>,
 }
+
+/// "Writes to inode `ino` of device `dev` (`st_dev`) send nothing for `span`"; a zero span
+/// lifts an earlier mute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mute {
+    /// `st_dev`.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// How long.
+    pub span: Duration,
+}
+
+/// Mutes waiting at most; beyond that they are dropped (a dropped mute only costs the wake-ups
+/// it would have saved).
+const MUTES_KEPT: usize = 16_384;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -95,6 +117,11 @@ impl std::fmt::Debug for HintSender {
 pub struct Gone;
 
 impl HintSender {
+    /// The mutes the reader posted since the last call.
+    pub fn take_mutes(&self) -> Vec<Mute> {
+        std::mem::take(&mut self.shared.lock().mutes)
+    }
+
     /// Posts `hints`, waking the reader if it sleeps. Returns how many were dropped because the
     /// mailbox was full.
     pub fn send(&self, hints: impl IntoIterator<Item = Hint>) -> Result<u64, Gone> {
@@ -134,6 +161,20 @@ impl std::fmt::Debug for HintReceiver {
 }
 
 impl HintReceiver {
+    /// Posts `mutes` for the probe thread. Without a live sender (no probe) there is no one to
+    /// take them, and nothing is kept.
+    pub fn mute(&self, mutes: impl IntoIterator<Item = Mute>) {
+        if self.shared.senders.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut st = self.shared.lock();
+        for m in mutes {
+            if st.mutes.len() < MUTES_KEPT {
+                st.mutes.push(m);
+            }
+        }
+    }
+
     /// Moves the waiting hints to `out` without blocking.
     pub fn take(&self, out: &mut Vec<Hint>) {
         move_into(&mut self.shared.lock(), out);
@@ -247,6 +288,26 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(20));
         assert!(got.is_empty());
         assert_eq!(rx.shared.senders.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn mutes_reach_the_sender_and_are_not_kept_without_one() {
+        let (tx, rx) = mailbox(2);
+        let m = |ino| Mute {
+            dev: 1,
+            ino,
+            span: Duration::from_secs(60),
+        };
+        rx.mute([m(1), m(2)]);
+        rx.mute([m(3)]);
+        assert_eq!(tx.take_mutes(), vec![m(1), m(2), m(3)]);
+        assert!(tx.take_mutes().is_empty());
+        drop(tx);
+        rx.mute([m(4)]);
+        assert!(
+            rx.shared.lock().mutes.is_empty(),
+            "kept with no probe to take it"
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendTimeoutError, Sender};
 
-use self::hints::HintReceiver;
+use self::hints::{HintReceiver, Mute};
 use encoding_rs::Encoding;
 
 use self::backend::{Errno, ReadBackend, ReadOp, Stat, StatOp};
@@ -679,9 +679,8 @@ impl Tailer {
     /// After a discovery pass: the inodes the probe saw written that it did not turn into
     /// tracked files stop making discovery look soon for a while ([`UNMATCHED_FOR`]).
     fn note_unmatched(&mut self, now: Instant) {
-        if self.unmatched.len() + self.asked.len() > UNMATCHED_KEPT {
-            self.unmatched.retain(|_, t| now < *t);
-        }
+        self.unmatched.retain(|_, t| now < *t);
+        let mut mutes = Vec::new();
         for k in self.asked.drain() {
             if !self.by_ino.contains_key(&k) && self.unmatched.len() < UNMATCHED_KEPT {
                 tracing::debug!(
@@ -691,8 +690,18 @@ impl Tailer {
                     is not collected; its writes wake discovery again in {UNMATCHED_FOR:?}"
                 );
                 self.unmatched.insert(k, now + UNMATCHED_FOR);
+                mutes.push(Mute {
+                    dev: k.0,
+                    ino: k.1,
+                    span: UNMATCHED_FOR,
+                });
             }
         }
+        // The probe drops their writes in the kernel meanwhile: no event, no wake-up.
+        if !mutes.is_empty() {
+            self.hints.mute(mutes);
+        }
+        self.events.probe_uncollected(self.unmatched.len());
     }
 
     fn consider(&mut self, c: Candidate, opened: Opened, now: Instant, initial: bool) {
@@ -865,6 +874,15 @@ impl Tailer {
             self.by_path.insert(path.into_os_string(), key);
         }
         self.by_ino.insert((st.dev, st.ino), key);
+        // Found unmatched lately (renamed into a matching name since, or its inode reused):
+        // its writes wake the reader again.
+        if self.unmatched.remove(&(st.dev, st.ino)).is_some() {
+            self.hints.mute([Mute {
+                dev: st.dev,
+                ino: st.ino,
+                span: Duration::ZERO,
+            }]);
+        }
         self.files.insert(key, t);
         // On the board before any batch can carry an ack for it, with what counts as delivered
         // already (a checkpoint's offset): otherwise the first acks are lost (the uploader may

@@ -116,6 +116,8 @@ struct Harness {
     delivered_at_ckpt: usize,
     now: Instant,
     first: bool,
+    /// The probe's end of the running tailer's mailbox: mutes the tailer posts arrive here.
+    probe: Option<crate::tail::hints::HintSender>,
     /// Payload bytes at which a batch closes.
     batch_bytes: usize,
     /// A checkpointing delivery commits after at most this many of its batches (the uploader
@@ -162,6 +164,7 @@ impl Harness {
             delivered_at_ckpt: 0,
             now: Instant::now(),
             first: true,
+            probe: None,
         };
         h.start();
         h
@@ -182,7 +185,8 @@ impl Harness {
         ))
         .expect("source");
         let (tx, rx) = unbounded();
-        let (_htx, hrx) = crate::tail::hints::mailbox(16);
+        let (htx, hrx) = crate::tail::hints::mailbox(16);
+        self.probe = Some(htx);
         self.lag = Arc::default(); // a new process has a new board
         let tailer = Tailer::new(TailerParts {
             sources: vec![SourceRt::new(&src).expect("source")],
@@ -1289,10 +1293,43 @@ fn writes_to_an_uncollected_file_wake_discovery_once_not_at_every_write() {
     while h.tailer.as_mut().expect("t").step(now, false) {}
     h.deliver(false);
     assert_eq!(h.messages(), ["a1", "b1"]);
+    // The probe was asked to drop the unmatched file's writes in the kernel for as long.
+    let m = std::fs::metadata(&debug).expect("stat");
+    let mutes = h.probe.as_ref().expect("probe end").take_mutes();
+    assert_eq!(
+        mutes,
+        [crate::tail::hints::Mute {
+            dev: m.dev(),
+            ino: m.ino(),
+            span: UNMATCHED_FOR
+        }]
+    );
     // After UNMATCHED_FOR, a write to the unmatched file makes discovery look once more.
     h.now += UNMATCHED_FOR;
     let now = h.now;
     while h.tailer.as_mut().expect("t").step(now, false) {}
     rounds_10ms_later(&mut h, Some(hint(&debug)));
     assert!(soon(&h), "the quiet ends");
+    h.now += Duration::from_millis(200);
+    let now = h.now;
+    while h.tailer.as_mut().expect("t").step(now, false) {}
+    assert_eq!(h.probe.as_ref().expect("probe end").take_mutes().len(), 1);
+    // Renamed into a name the glob takes: tracked at the next regular pass, read, and its
+    // writes wake the reader again (the mute is lifted).
+    let c = d.path().join("c");
+    std::fs::create_dir(&c).expect("mkdir");
+    std::fs::rename(&debug, c.join("app.log")).expect("rename");
+    for _ in 0..6 {
+        h.step(true);
+    }
+    assert_eq!(h.messages().len(), 2 + 6, "{:?}", h.messages());
+    assert_eq!(
+        h.probe.as_ref().expect("probe end").take_mutes(),
+        [crate::tail::hints::Mute {
+            dev: m.dev(),
+            ino: m.ino(),
+            span: Duration::ZERO
+        }],
+        "the mute is lifted once the file is collected"
+    );
 }
