@@ -234,6 +234,10 @@ pub struct Tailer {
     by_ino: FastMap<(u64, u64), FileKey>,
     /// Directory stamps changed this recently are not trusted ([`RACY`]; tests lower it).
     racy: Duration,
+    /// Each stated directory's stamp and since when (our clock) it has shown it: a stamp seen
+    /// unchanged for [`RACY`] is trusted even when its times lie ahead of our wall clock (a
+    /// file server whose clock runs ahead), as discovery trusts its listings.
+    dir_seen: HashMap<(u64, u64), DirSeen>,
     /// Checkpoint entries (with their keys) not matched to a file yet, by inode.
     restore: HashMap<u64, Vec<(FileKey, Entry)>>,
     next_key: FileKey,
@@ -327,6 +331,7 @@ impl Tailer {
             hinted: Vec::new(),
             by_path: Followed::default(),
             racy: RACY,
+            dir_seen: HashMap::new(),
             by_ino: FastMap::default(),
             restore,
             next_key,
@@ -674,6 +679,8 @@ impl Tailer {
         self.next_discovery = now + every;
         self.failed_opens
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        self.dir_seen
+            .retain(|_, s| now.saturating_duration_since(s.last) < DIR_SEEN_KEPT);
     }
 
     /// After a discovery pass: the inodes the probe saw written that it did not turn into
@@ -1158,7 +1165,8 @@ impl Tailer {
     ///   named the file, it still does. One stat per directory and round, not one path lookup
     ///   per file. Stamps
     ///   fresher than [`RACY`] are not trusted (a second change within a coarse timestamp's
-    ///   granule would not show), and paths are checked regardless every
+    ///   granule would not show): fresher by the wall clock and not seen unchanged for as
+    ///   long by ours ([`DirStamp::seen`]), and paths are checked regardless every
     ///   [`Discovery::full_rescan_every`] intervals (12 to 96), for filesystems that do not
     ///   keep directory times; a check that finds the path moved under an unchanged stamp
     ///   tells discovery, which then keeps that spacing at its shortest.
@@ -1214,6 +1222,16 @@ impl Tailer {
         };
         // Which paths to state, with the stamp their directory had before.
         let wall = wall_ns();
+        let stamps: Vec<Option<DirStamp>> = {
+            let (seen, racy) = (&mut self.dir_seen, self.racy);
+            dir_stats
+                .iter()
+                .map(|r| {
+                    r.ok()
+                        .and_then(|st| DirStamp::seen(seen, &st, now, wall, racy))
+                })
+                .collect()
+        };
         let recheck_every = self.discovery.full_rescan_every();
         // (index in the chunk, the directory's stamp now, whether the stamp is the trusted one
         // from when the path last named the file: a path checked only because it was due
@@ -1230,8 +1248,7 @@ impl Tailer {
                 let stamp = dirs
                     .binary_search(&f.cdir.as_c_str())
                     .ok()
-                    .and_then(|d| dir_stats[d].ok())
-                    .and_then(|st| DirStamp::trusted(&st, wall, self.racy));
+                    .and_then(|d| stamps[d]);
                 let recheck = now.duration_since(f.path_verified) >= every * recheck_every;
                 let same = stamp.is_some() && stamp == f.dir_stamp;
                 if same && !recheck {
@@ -1291,10 +1308,11 @@ impl Tailer {
             // between is no evidence): stated again, it still shows the stamp.
             let mut op = [StatOp::new(-1, Some(cdir.as_c_str()))];
             self.backend.stat_batch(&mut op);
+            let (seen, racy) = (&mut self.dir_seen, self.racy);
             let again = op[0]
                 .path_stat
                 .ok()
-                .and_then(|st| DirStamp::trusted(&st, wall_ns(), self.racy));
+                .and_then(|st| DirStamp::seen(seen, &st, now, wall_ns(), racy));
             if again.is_some() && again == stamp {
                 let dir = Path::new(std::ffi::OsStr::from_bytes(cdir.to_bytes()));
                 self.discovery.distrust_mtimes(dir);
@@ -1774,9 +1792,10 @@ enum Op {
     Read,
 }
 
-/// Directory stamps changed this recently (by the wall clock) are not trusted: a rename in
-/// the same timestamp granule as the stat (1 s on some NFS servers) would leave the stamp as it
-/// was. Generous, for clock skew between the collector and a file server.
+/// Directory stamps changed this recently (by the wall clock, and not seen unchanged for as
+/// long by ours) are not trusted: a rename in the same timestamp granule as the stat (1 s on
+/// some NFS servers) would leave the stamp as it was. Generous, for clock skew between the
+/// collector and a file server.
 const RACY: Duration = crate::discovery::RACY;
 
 /// What a directory's stat says of its entries: a rename, creation or removal in it changes its
@@ -1789,16 +1808,64 @@ struct DirStamp {
     ctime_ns: i64,
 }
 
+/// A directory's times as last stated, and since when (by our clock) it has shown them.
+#[derive(Debug, Clone, Copy)]
+struct DirSeen {
+    mtime_ns: i64,
+    ctime_ns: i64,
+    since: Instant,
+    last: Instant,
+}
+
+/// Directories not stated for this long are forgotten (and take [`RACY`] to be trusted again
+/// by time seen).
+const DIR_SEEN_KEPT: Duration = Duration::from_secs(600);
+
 impl DirStamp {
-    /// The stamp of directory stat `st`, unless it changed within `racy` of `wall_ns`.
-    fn trusted(st: &Stat, wall_ns: i64, racy: Duration) -> Option<DirStamp> {
+    /// The stamp of directory stat `st`, unless it changed within `racy` of `wall_ns`, or
+    /// `seen_for` (how long we have seen it unchanged) is at least `racy`.
+    ///
+    /// Either way the stamp is older than `racy`, so the timestamp granule it was set in (up to
+    /// 1-2 s on some servers) is over, and any later change of the directory changes the stamp.
+    /// By time seen: we saw the stamp `racy` ago, so it was set before that. That rule serves a
+    /// file server whose clock runs ahead of ours: by the wall clock alone its stamps would
+    /// stay untrusted (and every path checked) for as long as it is ahead.
+    fn trusted(st: &Stat, wall_ns: i64, racy: Duration, seen_for: Duration) -> Option<DirStamp> {
         let newest = st.mtime_ns.max(st.ctime_ns);
-        (wall_ns.saturating_sub(newest) >= racy.as_nanos() as i64).then_some(DirStamp {
-            dev: st.dev,
-            ino: st.ino,
+        (wall_ns.saturating_sub(newest) >= racy.as_nanos() as i64 || seen_for >= racy).then_some(
+            DirStamp {
+                dev: st.dev,
+                ino: st.ino,
+                mtime_ns: st.mtime_ns,
+                ctime_ns: st.ctime_ns,
+            },
+        )
+    }
+
+    /// [`DirStamp::trusted`] with `seen_for` from `seen`, which learns this stat.
+    fn seen(
+        seen: &mut HashMap<(u64, u64), DirSeen>,
+        st: &Stat,
+        now: Instant,
+        wall_ns: i64,
+        racy: Duration,
+    ) -> Option<DirStamp> {
+        let e = seen.entry((st.dev, st.ino)).or_insert(DirSeen {
             mtime_ns: st.mtime_ns,
             ctime_ns: st.ctime_ns,
-        })
+            since: now,
+            last: now,
+        });
+        if e.mtime_ns != st.mtime_ns || e.ctime_ns != st.ctime_ns {
+            *e = DirSeen {
+                mtime_ns: st.mtime_ns,
+                ctime_ns: st.ctime_ns,
+                since: now,
+                last: now,
+            };
+        }
+        e.last = now;
+        DirStamp::trusted(st, wall_ns, racy, now.saturating_duration_since(e.since))
     }
 }
 

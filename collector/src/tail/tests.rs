@@ -1200,20 +1200,23 @@ fn directory_stamps_changed_within_the_racy_window_are_not_trusted() {
     };
     let racy = Duration::from_secs(10);
     // The newer of mtime and ctime counts: 105 s; trusted from 115 s on.
-    assert_eq!(super::DirStamp::trusted(&st, 114_000_000_000, racy), None);
-    let s = super::DirStamp::trusted(&st, 115_000_000_000, racy).expect("trusted");
+    assert_eq!(
+        super::DirStamp::trusted(&st, 114_000_000_000, racy, Duration::ZERO),
+        None
+    );
+    let s = super::DirStamp::trusted(&st, 115_000_000_000, racy, Duration::ZERO).expect("trusted");
     let renamed = Stat {
         ctime_ns: 106_000_000_000,
         ..st
     };
     assert_ne!(
         Some(s),
-        super::DirStamp::trusted(&renamed, 200_000_000_000, racy)
+        super::DirStamp::trusted(&renamed, 200_000_000_000, racy, Duration::ZERO)
     );
     let replaced = Stat { ino: 3, ..st };
     assert_ne!(
         Some(s),
-        super::DirStamp::trusted(&replaced, 200_000_000_000, racy)
+        super::DirStamp::trusted(&replaced, 200_000_000_000, racy, Duration::ZERO)
     );
 }
 
@@ -1332,4 +1335,47 @@ fn writes_to_an_uncollected_file_wake_discovery_once_not_at_every_write() {
         }],
         "the mute is lifted once the file is collected"
     );
+}
+
+/// A directory whose times lie ahead of our wall clock (a file server whose clock runs ahead)
+/// is trusted once its stamp has been seen unchanged for the racy window: an idle file's path
+/// is then no longer stated at every poll, only its directory. A change to the directory
+/// still has the path checked.
+#[test]
+fn a_directory_stamped_in_the_future_is_trusted_once_seen_long_enough() {
+    let d = tempfile::tempdir().expect("tmp");
+    let pod = d.path().join("pod0");
+    let log = pod.join("app.log");
+    append(&log, "first\n");
+    // Literal: discovery does not list the directory, so the idle file's directory is stated
+    // at every poll and its path whenever the stamp is not trusted.
+    let mut h = Harness::globbed(d.path(), "pod0/app.log", "");
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let set_mtime = |t| {
+        std::fs::File::open(&pod)
+            .expect("open dir")
+            .set_times(std::fs::FileTimes::new().set_modified(t))
+            .expect("set mtime");
+    };
+    set_mtime(ahead);
+    for _ in 0..15 {
+        h.step(true);
+    }
+    let paths = |h: &Harness| h.paths.load(std::sync::atomic::Ordering::Relaxed);
+    let before = paths(&h);
+    for _ in 0..10 {
+        h.step(true);
+    }
+    assert_eq!(
+        paths(&h) - before,
+        0,
+        "an idle file's path stated while its directory's stamp stayed the same"
+    );
+    // A rename in the directory changes the stamp: the path is checked, the successor found.
+    std::fs::rename(&log, pod.join("app.old")).expect("rotate");
+    append(&log, "successor\n");
+    set_mtime(ahead);
+    h.step(true);
+    h.step(true);
+    assert_eq!(h.messages(), ["first", "successor"]);
 }
