@@ -161,6 +161,9 @@ struct Tracked {
     dir_stamp: Option<DirStamp>,
     /// When a stat of the path last showed that it names this file.
     path_verified: Instant,
+    /// A discovery pass found the entries of the file's directory changed since its path was
+    /// last checked (only directories discovery lists).
+    dir_changed: bool,
     /// The size last put on the lag board.
     lag_size: u64,
     file: File,
@@ -647,6 +650,7 @@ impl Tailer {
             for (k, f) in self.files.iter_mut() {
                 if !f.orphan && dirs.contains(f.cdir.to_bytes()) {
                     f.next_path_check = now;
+                    f.dir_changed = true;
                     if f.next_due > now {
                         f.next_due = now;
                         self.schedule.push(Reverse((now, *k)));
@@ -850,6 +854,7 @@ impl Tailer {
             cdir: cstring(path.parent().unwrap_or(&path)),
             dir_stamp: None,
             path_verified: now,
+            dir_changed: false,
             lag_size: st.size,
             path: path.clone(),
             file,
@@ -1157,9 +1162,11 @@ impl Tailer {
     /// changed:
     /// - in the round a live file stops growing after it grew since its path was last checked
     ///   (a writer that moved on to a new file at the path leaves the old one still);
-    /// - in the round after a discovery pass found the file's directory's entries changed;
+    /// - in the round after a discovery pass found the file's directory's entries changed
+    ///   (directories discovery lists; discovery states them at every pass, so the tailer
+    ///   does not: `Due::Quiet` and `Due::Changed`);
     /// - at every poll of a file that has not grown since its path was last checked, if
-    ///   discovery does not list its directory, and every `discover_interval` otherwise; then
+    ///   discovery does not list its directory; then
     ///   only if the file's directory changed: a rename, creation or removal in a directory
     ///   changes its mtime and ctime, so while its stamp is the one taken before the path last
     ///   named the file, it still does. One stat per directory and round, not one path lookup
@@ -1183,25 +1190,42 @@ impl Tailer {
         chunk: &[FileKey],
         now: Instant,
     ) -> Vec<(Result<Stat, Errno>, Result<Stat, Errno>)> {
-        let due: Vec<bool> = chunk
+        let recheck_every = self.discovery.full_rescan_every();
+        let due: Vec<Due> = chunk
             .iter()
             .map(|k| {
                 let f = &self.files[k];
-                // An idle file in a directory discovery does not list (the glob names the
-                // file literally): its directory is stated at every poll, since no pass
-                // reports a change there. (The lookup last: this runs per file and poll.)
-                !f.orphan
-                    && (now >= f.next_path_check
-                        || (f.size == f.path_checked_size
-                            && !self
-                                .discovery
-                                .lists(Path::new(std::ffi::OsStr::from_bytes(f.cdir.to_bytes())))))
+                if f.orphan {
+                    return Due::No;
+                }
+                // (The lookup only when needed: this runs per file and poll.)
+                let listed = || {
+                    self.discovery
+                        .lists(Path::new(std::ffi::OsStr::from_bytes(f.cdir.to_bytes())))
+                };
+                if now >= f.next_path_check {
+                    let every = self.sources[f.source].cfg.discover_interval.0;
+                    if now.duration_since(f.path_verified) >= every * recheck_every || !listed() {
+                        Due::Stamp
+                    } else if f.dir_changed {
+                        Due::Changed
+                    } else {
+                        Due::Quiet
+                    }
+                } else if f.size == f.path_checked_size && !listed() {
+                    // An idle file in a directory discovery does not list (the glob names
+                    // the file literally): its directory is stated at every poll, since no
+                    // pass reports a change there.
+                    Due::Stamp
+                } else {
+                    Due::No
+                }
             })
             .collect();
         let mut dirs: Vec<&CStr> = chunk
             .iter()
             .zip(&due)
-            .filter(|(_, &d)| d)
+            .filter(|(_, d)| **d == Due::Stamp)
             .map(|(k, _)| self.files[k].cdir.as_c_str())
             .collect();
         dirs.sort_unstable();
@@ -1232,7 +1256,6 @@ impl Tailer {
                 })
                 .collect()
         };
-        let recheck_every = self.discovery.full_rescan_every();
         // (index in the chunk, the directory's stamp now, whether the stamp is the trusted one
         // from when the path last named the file: a path checked only because it was due
         // regardless, which then names another file, caught the directory's mtime hiding it)
@@ -1240,25 +1263,34 @@ impl Tailer {
         let mut unchanged: Vec<usize> = Vec::new();
         for (i, k) in chunk.iter().enumerate() {
             let f = &self.files[k];
-            if f.orphan {
-                continue;
-            }
-            if due[i] {
-                let every = self.sources[f.source].cfg.discover_interval.0;
-                let stamp = dirs
-                    .binary_search(&f.cdir.as_c_str())
-                    .ok()
-                    .and_then(|d| stamps[d]);
-                let recheck = now.duration_since(f.path_verified) >= every * recheck_every;
-                let same = stamp.is_some() && stamp == f.dir_stamp;
-                if same && !recheck {
-                    unchanged.push(i);
-                } else {
-                    check.push((i, stamp, same));
+            match due[i] {
+                // Discovery lists the directory and reported no change to its entries.
+                Due::Quiet => unchanged.push(i),
+                // It did: the path is checked (the stamp is discovery's business there).
+                Due::Changed => check.push((i, None, false)),
+                Due::Stamp => {
+                    let every = self.sources[f.source].cfg.discover_interval.0;
+                    let stamp = dirs
+                        .binary_search(&f.cdir.as_c_str())
+                        .ok()
+                        .and_then(|d| stamps[d]);
+                    let recheck = now.duration_since(f.path_verified) >= every * recheck_every;
+                    let same = stamp.is_some() && stamp == f.dir_stamp;
+                    if same && !recheck {
+                        unchanged.push(i);
+                    } else {
+                        check.push((i, stamp, same));
+                    }
                 }
-            } else if f.size > f.path_checked_size && matches!(fds[i], Ok(st) if st.size == f.size)
-            {
-                check.push((i, f.dir_stamp, false));
+                // Stopped growing after it grew since its path was last checked.
+                Due::No
+                    if !f.orphan
+                        && f.size > f.path_checked_size
+                        && matches!(fds[i], Ok(st) if st.size == f.size) =>
+                {
+                    check.push((i, f.dir_stamp, false));
+                }
+                Due::No => {}
             }
         }
         // Phase 2: those paths.
@@ -1278,6 +1310,7 @@ impl Tailer {
             .collect();
         for i in unchanged {
             if let Some(f) = self.files.get_mut(&chunk[i]) {
+                f.dir_changed = false;
                 f.next_path_check = now + self.sources[f.source].cfg.discover_interval.0;
                 f.path_checked_size = results[i].0.map_or(f.size, |st| st.size);
             }
@@ -1295,6 +1328,7 @@ impl Tailer {
                     hid = Some((f.cdir.clone(), stamp));
                 }
                 f.dir_stamp = if names_it { stamp } else { None };
+                f.dir_changed = false;
                 if names_it {
                     f.path_verified = now;
                 }
@@ -1806,6 +1840,19 @@ struct DirStamp {
     ino: u64,
     mtime_ns: i64,
     ctime_ns: i64,
+}
+
+/// Why a file's path is to be checked in a round ([`Tailer::stat_chunk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Not now.
+    No,
+    /// If its directory's stamp says so (the directory is stated).
+    Stamp,
+    /// Yes: discovery, which lists the directory, found its entries changed.
+    Changed,
+    /// No: discovery lists the directory and found its entries unchanged.
+    Quiet,
 }
 
 /// A directory's times as last stated, and since when (by our clock) it has shown them.
