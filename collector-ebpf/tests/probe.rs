@@ -161,6 +161,17 @@ fn child_main() {
     }
 }
 
+/// Appends `text` (a `printf` format) to `path` from a `sh` child: a writer that is not this
+/// process.
+fn sh_append(path: &Path, text: &str) {
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf {text} >> '{}'", path.display()))
+        .status()
+        .expect("sh");
+    assert!(st.success());
+}
+
 fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("voltail-probe-test")
@@ -292,12 +303,7 @@ fn own_writes_and_unwatched_devices_are_not_reported() {
     let shm_file = if shm_dev.is_some() {
         let p = shm.join(format!("voltail-probe-test-{}", std::process::id()));
         std::fs::write(&p, b"").expect("create shm file");
-        let st = Command::new("sh")
-            .arg("-c")
-            .arg(format!("printf unwatched >> '{}'", p.display()))
-            .status()
-            .expect("sh shm");
-        assert!(st.success());
+        sh_append(&p, "unwatched");
         Some(p)
     } else {
         None
@@ -305,12 +311,7 @@ fn own_writes_and_unwatched_devices_are_not_reported() {
 
     // Then a child's write that must arrive: the ring buffer is ordered, so once it is here any
     // event for the two files above would have been seen.
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf x >> '{}'", sentinel.display()))
-        .status()
-        .expect("sh sentinel");
-    assert!(st.success());
+    sh_append(&sentinel, "x");
     let (sentinel_ino, _) = ino_dev(&sentinel);
     let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
         e.ino == sentinel_ino
@@ -352,19 +353,11 @@ fn a_muted_inode_sends_nothing_until_its_span_ends() {
         let (ino, _) = ino_dev(&muted);
         let (other_ino, _) = ino_dev(&other);
         let mut probe = load(vec![dev], attach);
-        let sh = |path: &Path, text: &str| {
-            let st = Command::new("sh")
-                .arg("-c")
-                .arg(format!("printf {text} >> '{}'", path.display()))
-                .status()
-                .expect("sh");
-            assert!(st.success());
-        };
         probe.mute(dev, ino, Duration::from_secs(60)).expect("mute");
         // The muted file is written first: its event, were there one, would come before the
         // other file's (one ring buffer, reserved in write order).
-        sh(&muted, "a");
-        sh(&other, "bb");
+        sh_append(&muted, "a");
+        sh_append(&other, "bb");
         let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
             e.ino == other_ino && e.bytes == 2
         });
@@ -378,7 +371,7 @@ fn a_muted_inode_sends_nothing_until_its_span_ends() {
             .mute(dev, ino, Duration::from_millis(100))
             .expect("mute again");
         std::thread::sleep(Duration::from_millis(200));
-        sh(&muted, "ccc");
+        sh_append(&muted, "ccc");
         let (_, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| {
             e.ino == ino && e.bytes == 3
         });
@@ -397,14 +390,7 @@ fn set_devices_changes_the_filter() {
     let (ino, _) = ino_dev(&file);
     let mut probe = load(Vec::new(), Attach::Auto);
 
-    let sh = |text: &str| {
-        let st = Command::new("sh")
-            .arg("-c")
-            .arg(format!("printf {text} >> '{}'", file.display()))
-            .status()
-            .expect("sh");
-        assert!(st.success());
-    };
+    let sh = |text: &str| sh_append(&file, text);
     sh("a");
     let (_, hit) = collect_until(&mut probe, Duration::from_millis(300), |e| e.ino == ino);
     assert!(!hit, "a write was reported with no device watched");
@@ -464,12 +450,7 @@ fn events_carry_the_writer_cgroup_id() {
     let dev = std::fs::metadata(dir.path()).expect("stat dir").dev();
     let (ino, _) = ino_dev(&file);
     let mut probe = load(vec![dev], Attach::Auto);
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf cg >> '{}'", file.display()))
-        .status()
-        .expect("sh");
-    assert!(st.success());
+    sh_append(&file, "cg");
     let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| e.ino == ino);
     assert!(hit);
     let event = seen.iter().find(|e| e.ino == ino).expect("event");

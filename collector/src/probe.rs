@@ -304,6 +304,17 @@ mod tests {
         None
     }
 
+    /// Appends `text` (a `printf` format) to `path` from a `sh` child: a writer that is not
+    /// this process.
+    fn sh_append(path: &std::path::Path, text: &str) {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf {text} >> '{}'", path.display()))
+            .status()
+            .expect("sh");
+        assert!(st.success());
+    }
+
     #[test]
     fn off_does_not_load() {
         let (tx, _rx) = crate::tail::hints::mailbox(1);
@@ -358,12 +369,7 @@ mod tests {
         .expect("probe on")
         .expect("a handle when on");
 
-        let st = Command::new("sh")
-            .arg("-c")
-            .arg(format!("printf 'line\\n' >> '{}'", path.display()))
-            .status()
-            .expect("sh");
-        assert!(st.success());
+        sh_append(&path, "'line\\n'");
         let want = Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -419,12 +425,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut got = false;
         while !got && Instant::now() < deadline {
-            let st = Command::new("sh")
-                .arg("-c")
-                .arg(format!("printf 'x\\n' >> '{}'", path.display()))
-                .status()
-                .expect("sh");
-            assert!(st.success());
+            sh_append(&path, "'x\\n'");
             // Other processes write to the same device: look through every hint that comes.
             let mut hints = Vec::new();
             rx.wait(Duration::from_millis(200), &mut hints);
@@ -462,16 +463,8 @@ mod tests {
         }]);
         // The drain thread applies mutes before each poll (at most ~100 ms apart).
         std::thread::sleep(Duration::from_millis(300));
-        let append = |p: &std::path::Path| {
-            let st = Command::new("sh")
-                .arg("-c")
-                .arg(format!("printf 'x\\n' >> '{}'", p.display()))
-                .status()
-                .expect("sh");
-            assert!(st.success());
-        };
-        append(&muted);
-        append(&other);
+        sh_append(&muted, "'x\\n'");
+        sh_append(&other, "'x\\n'");
         let hint = |meta: &std::fs::Metadata| Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
