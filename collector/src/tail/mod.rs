@@ -1869,8 +1869,8 @@ struct DirSeen {
 const DIR_SEEN_KEPT: Duration = Duration::from_secs(600);
 
 impl DirStamp {
-    /// The stamp of directory stat `st`, unless it changed within `racy` of `wall_ns`, or
-    /// `seen_for` (how long we have seen it unchanged) is at least `racy`.
+    /// The stamp of directory stat `st` if it is at least `racy` old: by the wall clock
+    /// (`wall_ns`), or by how long we have seen it unchanged (`seen_for`).
     ///
     /// Either way the stamp is older than `racy`, so the timestamp granule it was set in (up to
     /// 1-2 s on some servers) is over, and any later change of the directory changes the stamp.
