@@ -60,6 +60,9 @@ pub struct WriteEvent {
     pub _pad: u32,
     /// cgroup v2 id of the writer (the inode number of its cgroup directory).
     pub cgroup_id: u64,
+    /// Inode number of the directory the file was opened in (its dentry's parent; a rename
+    /// since may have moved it), on the same device.
+    pub dir_ino: u64,
 }
 
 /// How to attach the programs.
@@ -233,7 +236,7 @@ mod tests {
 
     #[test]
     fn write_event_layout_matches_the_c_struct() {
-        assert_eq!(size_of::<WriteEvent>(), 40);
+        assert_eq!(size_of::<WriteEvent>(), 48);
         assert_eq!(std::mem::align_of::<WriteEvent>(), 8);
         assert_eq!(offset_of!(WriteEvent, dev), 0);
         assert_eq!(offset_of!(WriteEvent, ino), 8);
@@ -241,6 +244,7 @@ mod tests {
         assert_eq!(offset_of!(WriteEvent, pid), 24);
         assert_eq!(offset_of!(WriteEvent, _pad), 28);
         assert_eq!(offset_of!(WriteEvent, cgroup_id), 32);
+        assert_eq!(offset_of!(WriteEvent, dir_ino), 40);
     }
 
     #[test]

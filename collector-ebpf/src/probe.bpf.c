@@ -6,7 +6,7 @@
  * fd to its inode (current->files->fdt->fd[fd]->f_inode) and remembers
  * {dev, ino} for the thread when the inode is a regular file on a watched
  * device and the writer is not the collector itself. On exit, when the call
- * wrote at least one byte, it sends {dev, ino, bytes, pid, cgroup_id} to user
+ * wrote at least one byte, it sends {dev, ino, bytes, pid, cgroup_id, dir_ino} to user
  * space through a ring buffer. A full ring buffer drops the event and counts it
  * in `lost`. A write whose file already has an unread event from the same
  * process on the same CPU is folded into it (counted in `coalesced`): the
@@ -44,11 +44,14 @@ struct write_event {
 	__u32 pid;
 	__u32 _pad;
 	__u64 cgroup_id;
+	/* Inode number of the directory the file was opened in (its dentry's parent). */
+	__u64 dir_ino;
 };
 
 struct pending {
 	__u64 dev;
 	__u64 ino;
+	__u64 dir_ino;
 	__u64 valid;
 };
 
@@ -207,6 +210,8 @@ static __always_inline int watched_inode(struct file *file, __u32 tgid, struct p
 	__u64 *until = bpf_map_lookup_elem(&muted, &mk);
 	if (until && bpf_ktime_get_ns() < *until)
 		return 0;
+	/* The directory, so that the daemon can look at it alone for a file it does not know. */
+	out->dir_ino = BPF_CORE_READ(file, f_path.dentry, d_parent, d_inode, i_ino);
 	out->valid = 1;
 	return 1;
 }
@@ -287,6 +292,7 @@ static __always_inline int emit(struct pending *file, long ret, __u64 fptr, __u6
 	e->pid = tgid;
 	e->_pad = 0;
 	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->dir_ino = file->dir_ino;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

@@ -90,8 +90,18 @@ struct inode {
 	struct super_block *i_sb;
 } __attribute__((preserve_access_index));
 
+struct dentry {
+	struct dentry *d_parent;
+	struct inode *d_inode;
+} __attribute__((preserve_access_index));
+
+struct path {
+	struct dentry *dentry;
+} __attribute__((preserve_access_index));
+
 struct file {
 	struct inode *f_inode;
+	struct path f_path;
 } __attribute__((preserve_access_index));
 
 struct fdtable {

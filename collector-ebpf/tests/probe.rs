@@ -338,6 +338,29 @@ fn own_writes_and_unwatched_devices_are_not_reported() {
     assert_eq!(devs, HashSet::from([dev]), "events from unwatched devices");
 }
 
+/// Events carry the inode of the directory the file is in, on every attachment.
+#[test]
+fn events_carry_the_directory_inode() {
+    if can_test("events_carry_the_directory_inode").is_none() {
+        return;
+    }
+    for attach in [Attach::Auto, Attach::Tracepoints, Attach::TpBtf] {
+        let dir = temp_dir();
+        let sub = dir.path().join("pod");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let file = new_file(&sub, "app.log");
+        let dev = std::fs::metadata(dir.path()).expect("stat dir").dev();
+        let (ino, _) = ino_dev(&file);
+        let (dir_ino, _) = ino_dev(&sub);
+        let mut probe = load(vec![dev], attach);
+        sh_append(&file, "x");
+        let (seen, hit) = collect_until(&mut probe, Duration::from_secs(15), |e| e.ino == ino);
+        assert!(hit, "{attach:?}: no event");
+        let e = seen.iter().find(|e| e.ino == ino).expect("event");
+        assert_eq!(e.dir_ino, dir_ino, "{attach:?}: {e:?}");
+    }
+}
+
 /// A muted inode's writes send nothing while its span lasts, on every attachment (the check
 /// is in the shared filter), and send again once it ended; other files are unaffected.
 #[test]

@@ -161,7 +161,7 @@ fn drain(
     let mut batch = Vec::with_capacity(4096);
     // Per file of a batch: the cgroup id of its last event (0 without writer tags), in the
     // order the files first appear.
-    let mut files: Vec<((u64, u64), u64)> = Vec::new();
+    let mut files: Vec<((u64, u64), (u64, u64))> = Vec::new();
     let mut index: FastMap<(u64, u64), usize> = FastMap::default();
     let mut failing = false;
     let mut lost_read_at = Instant::now();
@@ -204,18 +204,21 @@ fn drain(
                 };
                 let file = (event.dev, event.ino);
                 match index.get(&file) {
-                    Some(&i) => files[i].1 = cgroup,
+                    Some(&i) => files[i].1 = (cgroup, event.dir_ino),
                     None => {
                         index.insert(file, files.len());
-                        files.push((file, cgroup));
+                        files.push((file, (cgroup, event.dir_ino)));
                     }
                 }
             }
-            let batch = files.iter().map(|&((dev, ino), cgroup)| Hint::Write {
-                dev,
-                ino,
-                writer: cgroups.as_mut().and_then(|c| c.resolve(cgroup)),
-            });
+            let batch = files
+                .iter()
+                .map(|&((dev, ino), (cgroup, dir))| Hint::Write {
+                    dev,
+                    ino,
+                    dir,
+                    writer: cgroups.as_mut().and_then(|c| c.resolve(cgroup)),
+                });
             let Ok(dropped) = hints.send(batch) else {
                 tracing::debug!("hint receiver gone, probe drain stops");
                 events::active(false);
@@ -373,6 +376,7 @@ mod tests {
         let want = Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
+            dir: std::fs::metadata(dir.path()).expect("stat dir").ino(),
             writer: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -419,6 +423,7 @@ mod tests {
         let want = Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
+            dir: std::fs::metadata(dir.path()).expect("stat dir").ino(),
             writer: None,
         };
         // The update lands within one poll; write until a hint arrives.
@@ -465,9 +470,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         sh_append(&muted, "'x\\n'");
         sh_append(&other, "'x\\n'");
+        let dir_ino = std::fs::metadata(dir.path()).expect("stat dir").ino();
         let hint = |meta: &std::fs::Metadata| Hint::Write {
             dev: meta.dev(),
             ino: meta.ino(),
+            dir: dir_ino,
             writer: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -234,6 +234,7 @@ mod tests {
         Hint::Write {
             dev: 1,
             ino,
+            dir: 0,
             writer: None,
         }
     }

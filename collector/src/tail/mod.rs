@@ -74,6 +74,8 @@ pub enum Hint {
         dev: u64,
         /// Inode.
         ino: u64,
+        /// Inode of the directory the file was opened in, on `dev` (0: unknown).
+        dir: u64,
         /// Who wrote, when writer tags are on and its cgroup resolved: the file's events get
         /// its tags from the next read on.
         writer: Option<Arc<Writer>>,
@@ -162,8 +164,13 @@ struct Tracked {
     /// When a stat of the path last showed that it names this file.
     path_verified: Instant,
     /// A discovery pass found the entries of the file's directory changed since its path was
-    /// last checked (only directories discovery lists).
+    /// last checked (only directories discovery lists), or the probe saw a file nobody
+    /// tracks written there.
     dir_changed: bool,
+    /// Inode number of its directory when tracked, with the probe on (0 otherwise): a write
+    /// the probe reports there to an unknown file (a rotation's successor) has this
+    /// directory's followed paths checked at once, without a discovery pass.
+    dir_ino: u64,
     /// The size last put on the lag board.
     lag_size: u64,
     file: File,
@@ -258,6 +265,11 @@ pub struct Tailer {
     pending_writers: HashMap<(u64, u64), Arc<Writer>>,
     /// Untracked inodes the probe saw written since the last discovery pass.
     asked: std::collections::HashSet<(u64, u64)>,
+    /// Untracked inodes the probe saw written in a directory of tracked files, whose paths
+    /// the next round checks: those it does not find go to `asked`.
+    directed: Vec<(u64, u64)>,
+    /// Directories' inode numbers stated during a discovery pass (for [`Tracked::dir_ino`]).
+    dir_inos: HashMap<PathBuf, u64>,
     /// Untracked inodes a discovery pass looked for and did not find, with when their writes
     /// may make discovery look soon again ([`UNMATCHED_FOR`]).
     unmatched: HashMap<(u64, u64), Instant>,
@@ -348,6 +360,8 @@ impl Tailer {
             released_order: std::collections::VecDeque::new(),
             pending_writers: HashMap::new(),
             asked: std::collections::HashSet::new(),
+            directed: Vec::new(),
+            dir_inos: HashMap::new(),
             unmatched: HashMap::new(),
             scratch: String::new(),
         }
@@ -510,7 +524,12 @@ impl Tailer {
 
     fn hint(&mut self, h: Hint, now: Instant) {
         match h {
-            Hint::Write { dev, ino, writer } => match self.by_ino.get(&(dev, ino)) {
+            Hint::Write {
+                dev,
+                ino,
+                dir,
+                writer,
+            } => match self.by_ino.get(&(dev, ino)) {
                 Some(k) => {
                     if let Some(f) = self.files.get_mut(k) {
                         if let Some(w) = writer {
@@ -540,6 +559,16 @@ impl Tailer {
                     // A write to a file we don't track yet under a watched mount: look soon,
                     // unless a pass looked for this one lately and did not find it.
                     if self.unmatched.get(&(dev, ino)).is_some_and(|t| now < *t) {
+                        return;
+                    }
+                    // In a directory of tracked files: most likely a rotation's successor at
+                    // a followed path, which the paths' check in the next round finds (and
+                    // tracks) without a discovery pass over every directory.
+                    if dir != 0
+                        && self.directed.len() < UNMATCHED_KEPT
+                        && self.check_paths_in(dev, dir, now)
+                    {
+                        self.directed.push((dev, ino));
                         return;
                     }
                     if self.asked.len() < UNMATCHED_KEPT {
@@ -670,6 +699,7 @@ impl Tailer {
             self.consider(c, opened, now, initial);
         }
         self.discovered_once = true;
+        self.dir_inos.clear();
         self.note_unmatched(now);
         if !self.restore.is_empty() {
             self.finish_restore(now);
@@ -685,6 +715,54 @@ impl Tailer {
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
         self.dir_seen
             .retain(|_, s| now.saturating_duration_since(s.last) < DIR_SEEN_KEPT);
+    }
+
+    /// Makes the followed paths of the live files in directory `dir` (inode) of device `dev`
+    /// due a check now; whether there were any.
+    fn check_paths_in(&mut self, dev: u64, dir: u64, now: Instant) -> bool {
+        let mut any = false;
+        for (k, f) in self.files.iter_mut() {
+            if f.dir_ino == dir && f.dev == dev && !f.orphan {
+                any = true;
+                f.next_path_check = now;
+                f.dir_changed = true;
+                if f.next_due > now {
+                    f.next_due = now;
+                    self.schedule.push(Reverse((now, *k)));
+                }
+            }
+        }
+        any
+    }
+
+    /// After a round: the inodes [`Tailer::check_paths_in`] was for that it did not turn
+    /// into tracked files make discovery look soon, as any unknown inode does.
+    fn resolve_directed(&mut self, now: Instant) {
+        for k in std::mem::take(&mut self.directed) {
+            if !self.by_ino.contains_key(&k) {
+                if self.asked.len() < UNMATCHED_KEPT {
+                    self.asked.insert(k);
+                }
+                let soon = now + Duration::from_millis(200);
+                if self.next_discovery > soon {
+                    self.next_discovery = soon;
+                }
+            }
+        }
+    }
+
+    /// The inode number of directory `dir`, with the probe on (0 otherwise, or when it cannot
+    /// be stated); stated once per discovery pass.
+    fn dir_ino(&mut self, dir: &Path) -> u64 {
+        if self.opts.probe_poll_interval.is_none() {
+            return 0;
+        }
+        if let Some(&ino) = self.dir_inos.get(dir) {
+            return ino;
+        }
+        let ino = std::fs::metadata(dir).map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+        self.dir_inos.insert(dir.to_path_buf(), ino);
+        ino
     }
 
     /// After a discovery pass: the inodes the probe saw written that it did not turn into
@@ -825,6 +903,7 @@ impl Tailer {
             }
         };
         let id = FileId::new(st.dev, st.ino, &prefix);
+        let dir_ino = self.dir_ino(path.parent().unwrap_or(&path));
         let src = &self.sources[source];
         let writer = self.pending_writers.remove(&(st.dev, st.ino));
         let meta = meta_for(
@@ -855,6 +934,7 @@ impl Tailer {
             dir_stamp: None,
             path_verified: now,
             dir_changed: false,
+            dir_ino,
             lag_size: st.size,
             path: path.clone(),
             file,
@@ -1113,6 +1193,10 @@ impl Tailer {
                     self.consider(c, opened, now, false);
                 }
             }
+        }
+        self.dir_inos.clear();
+        if !self.directed.is_empty() {
+            self.resolve_directed(now);
         }
         self.prune_schedule();
         self.events.poll_round(started.elapsed());
