@@ -106,6 +106,12 @@ const UNMATCHED_KEPT: usize = 16_384;
 /// this each of their writes would cost a discovery pass every 200 ms. A file that comes to
 /// match later (renamed into a matching name) is found by the regular passes meanwhile.
 const UNMATCHED_FOR: Duration = Duration::from_secs(60);
+/// How soon a discovery pass follows a write the probe saw to an unknown file, at first and
+/// at most: each pass so triggered that tracks none of those files doubles the delay (files
+/// outside the watched roots on the same device, a build writing new files, make a pass each
+/// otherwise), and one that does resets it.
+const SOON: Duration = Duration::from_millis(200);
+const SOON_MAX: Duration = Duration::from_secs(5);
 /// Released files remembered, so that one coming back (its directory vanished and returned)
 /// resumes where it was released instead of being read again.
 const RELEASED_KEPT: usize = 4096;
@@ -265,6 +271,8 @@ pub struct Tailer {
     pending_writers: HashMap<(u64, u64), Arc<Writer>>,
     /// Untracked inodes the probe saw written since the last discovery pass.
     asked: std::collections::HashSet<(u64, u64)>,
+    /// How soon such a write makes discovery look ([`SOON`] to [`SOON_MAX`]).
+    soon: Duration,
     /// Untracked inodes the probe saw written in a directory of tracked files, whose paths
     /// the next round checks: those it does not find go to `asked`.
     directed: Vec<(u64, u64)>,
@@ -360,6 +368,7 @@ impl Tailer {
             released_order: std::collections::VecDeque::new(),
             pending_writers: HashMap::new(),
             asked: std::collections::HashSet::new(),
+            soon: SOON,
             directed: Vec::new(),
             dir_inos: HashMap::new(),
             unmatched: HashMap::new(),
@@ -571,13 +580,7 @@ impl Tailer {
                         self.directed.push((dev, ino));
                         return;
                     }
-                    if self.asked.len() < UNMATCHED_KEPT {
-                        self.asked.insert((dev, ino));
-                    }
-                    let soon = now + Duration::from_millis(200);
-                    if self.next_discovery > soon {
-                        self.next_discovery = soon;
-                    }
+                    self.ask(dev, ino, now);
                 }
             },
         }
@@ -738,16 +741,21 @@ impl Tailer {
     /// After a round: the inodes [`Tailer::check_paths_in`] was for that it did not turn
     /// into tracked files make discovery look soon, as any unknown inode does.
     fn resolve_directed(&mut self, now: Instant) {
-        for k in std::mem::take(&mut self.directed) {
-            if !self.by_ino.contains_key(&k) {
-                if self.asked.len() < UNMATCHED_KEPT {
-                    self.asked.insert(k);
-                }
-                let soon = now + Duration::from_millis(200);
-                if self.next_discovery > soon {
-                    self.next_discovery = soon;
-                }
+        for (dev, ino) in std::mem::take(&mut self.directed) {
+            if !self.by_ino.contains_key(&(dev, ino)) {
+                self.ask(dev, ino, now);
             }
+        }
+    }
+
+    /// Has discovery look for inode `ino` of `dev`, written and not tracked, soon.
+    fn ask(&mut self, dev: u64, ino: u64, now: Instant) {
+        if self.asked.len() < UNMATCHED_KEPT {
+            self.asked.insert((dev, ino));
+        }
+        let soon = now + self.soon;
+        if self.next_discovery > soon {
+            self.next_discovery = soon;
         }
     }
 
@@ -769,6 +777,13 @@ impl Tailer {
     /// tracked files stop making discovery look soon for a while ([`UNMATCHED_FOR`]).
     fn note_unmatched(&mut self, now: Instant) {
         self.unmatched.retain(|_, t| now < *t);
+        if !self.asked.is_empty() {
+            self.soon = if self.asked.iter().any(|k| self.by_ino.contains_key(k)) {
+                SOON
+            } else {
+                (self.soon * 2).min(SOON_MAX)
+            };
+        }
         let mut mutes = Vec::new();
         for k in self.asked.drain() {
             if !self.by_ino.contains_key(&k) && self.unmatched.len() < UNMATCHED_KEPT {

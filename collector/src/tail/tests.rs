@@ -506,6 +506,57 @@ fn hinted_reads_on(backend: usize) {
     );
 }
 
+/// Takes the tailer to its next discovery pass (virtual time) and runs that step.
+fn pass_when_due(h: &mut Harness) {
+    let t = h.tailer.as_mut().expect("t");
+    h.now = h.now.max(t.next_discovery);
+    let now = h.now;
+    while t.step(now, false) {}
+}
+
+/// A discovery pass a probe write to an unknown file triggered, and that tracked none of the
+/// files it was for, doubles the delay of the next (200 ms up to 5 s: files outside the roots
+/// on the same device, a build's new files, each made a pass); one that tracks one resets it.
+#[test]
+fn fruitless_passes_for_unknown_writes_back_off_and_a_fruitful_one_resets() {
+    let d = tempfile::tempdir().expect("tmp");
+    append(&d.path().join("a/app.log"), "a1\n");
+    let mut h = Harness::new(d.path(), "discover_interval = \"30s\"\n");
+    h.step(true);
+    let delay = |h: &Harness| {
+        h.tailer
+            .as_ref()
+            .expect("t")
+            .next_discovery
+            .saturating_duration_since(h.now)
+    };
+    let mut seen = Vec::new();
+    for i in 0..7 {
+        // A new file outside any glob each time (an unmatched one stays muted).
+        let other = d.path().join(format!("build/obj{i}.o"));
+        append(&other, "x\n");
+        rounds_10ms_later(&mut h, Some(written(&other, None)));
+        seen.push(delay(&h).as_millis());
+        pass_when_due(&mut h);
+    }
+    assert_eq!(seen, [200, 400, 800, 1600, 3200, 5000, 5000]);
+    let b = d.path().join("b/app.log");
+    append(&b, "b1\n");
+    rounds_10ms_later(&mut h, Some(written(&b, None)));
+    assert_eq!(delay(&h).as_millis(), 5000, "still backed off");
+    pass_when_due(&mut h);
+    let other = d.path().join("build/obj9.o");
+    append(&other, "x\n");
+    rounds_10ms_later(&mut h, Some(written(&other, None)));
+    assert_eq!(
+        delay(&h).as_millis(),
+        200,
+        "the pass that found b/app.log reset it"
+    );
+    h.deliver(false);
+    assert_eq!(h.messages(), ["a1", "b1"]);
+}
+
 /// The hint the probe sends for a write to `p`: its device, inode and directory's inode.
 fn written(p: &Path, writer: Option<Arc<Writer>>) -> Hint {
     let m = std::fs::metadata(p).expect("stat");
@@ -1278,18 +1329,16 @@ fn writes_to_an_uncollected_file_wake_discovery_once_not_at_every_write() {
     append(&d.path().join("a/app.log"), "a1\n");
     let debug = d.path().join("a/debug.txt");
     append(&debug, "d1\n");
-    let mut h = Harness::new(d.path(), "discover_interval = \"5s\"\n");
+    let mut h = Harness::new(d.path(), "discover_interval = \"30s\"\n");
     h.step(true);
     let hint = |p: &Path| written(p, None);
-    let soon = |h: &Harness| {
-        h.tailer.as_ref().expect("t").next_discovery <= h.now + Duration::from_millis(200)
-    };
+    // Sooner than the regular pass (30 s): within SOON_MAX.
+    let soon =
+        |h: &Harness| h.tailer.as_ref().expect("t").next_discovery <= h.now + super::SOON_MAX;
     // The first write: discovery looks within 200 ms, and finds nothing to collect.
     rounds_10ms_later(&mut h, Some(hint(&debug)));
     assert!(soon(&h), "an unknown inode makes discovery look soon");
-    h.now += Duration::from_millis(200);
-    let now = h.now;
-    while h.tailer.as_mut().expect("t").step(now, false) {}
+    pass_when_due(&mut h);
     assert!(!soon(&h), "the pass ran");
     // Later writes to it leave discovery at its pace.
     for _ in 0..5 {
@@ -1305,9 +1354,7 @@ fn writes_to_an_uncollected_file_wake_discovery_once_not_at_every_write() {
     append(&b, "b1\n");
     rounds_10ms_later(&mut h, Some(hint(&b)));
     assert!(soon(&h), "a new matching file makes discovery look soon");
-    h.now += Duration::from_millis(200);
-    let now = h.now;
-    while h.tailer.as_mut().expect("t").step(now, false) {}
+    pass_when_due(&mut h);
     h.deliver(false);
     assert_eq!(h.messages(), ["a1", "b1"]);
     // The probe was asked to drop the unmatched file's writes in the kernel for as long.
@@ -1327,9 +1374,7 @@ fn writes_to_an_uncollected_file_wake_discovery_once_not_at_every_write() {
     while h.tailer.as_mut().expect("t").step(now, false) {}
     rounds_10ms_later(&mut h, Some(hint(&debug)));
     assert!(soon(&h), "the quiet ends");
-    h.now += Duration::from_millis(200);
-    let now = h.now;
-    while h.tailer.as_mut().expect("t").step(now, false) {}
+    pass_when_due(&mut h);
     assert_eq!(h.probe.as_ref().expect("probe end").take_mutes().len(), 1);
     // Renamed into a name the glob takes: tracked at the next regular pass, read, and its
     // writes wake the reader again (the mute is lifted).
