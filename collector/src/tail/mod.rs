@@ -173,9 +173,10 @@ struct Tracked {
     /// last checked (only directories discovery lists), or the probe saw a file nobody
     /// tracks written there.
     dir_changed: bool,
-    /// Inode number of its directory when tracked, with the probe on (0 otherwise): a write
-    /// the probe reports there to an unknown file (a rotation's successor) has this
-    /// directory's followed paths checked at once, without a discovery pass.
+    /// Inode number of its directory when tracked, with the probe on (0 otherwise; then as
+    /// the probe's events for the file report it): a write the probe reports there to an
+    /// unknown file (a rotation's successor) has this directory's followed paths checked at
+    /// once, without a discovery pass.
     dir_ino: u64,
     /// The size last put on the lag board.
     lag_size: u64,
@@ -541,6 +542,10 @@ impl Tailer {
             } => match self.by_ino.get(&(dev, ino)) {
                 Some(k) => {
                     if let Some(f) = self.files.get_mut(k) {
+                        // Moved to another directory since it was tracked: follow the events.
+                        if dir != 0 {
+                            f.dir_ino = dir;
+                        }
                         if let Some(w) = writer {
                             if f.writer.as_deref() != Some(&*w) {
                                 tracing::debug!(path = %f.path.display(), cgroup = %w.cgroup,

@@ -1439,8 +1439,9 @@ fn a_directory_stamped_in_the_future_is_trusted_once_seen_long_enough() {
     assert_eq!(h.messages(), ["first", "successor"]);
 }
 
-/// With the probe on, a write to an unknown file in a directory of tracked files (a
-/// rotation's successor) has that directory's followed paths checked in the next round: the
+/// With the probe on, a write to an unknown file in a directory of tracked files the probe
+/// reported writes to (a rotation's successor) has that directory's followed paths checked in
+/// the next round: the
 /// successor is tracked and read at once, with no discovery pass over every directory. A file
 /// there that no glob takes is left to a discovery pass soon, as before. Both where discovery
 /// lists the directory and where it does not.
@@ -1455,6 +1456,9 @@ fn a_rotation_the_probe_reports_is_followed_without_a_discovery_pass() {
         h.probe_poll = Some(Duration::from_secs(10));
         h.start();
         h.step(true);
+        // The local writer wrote it: the probe's event names the file's directory.
+        append(&log, "a2\n");
+        rounds_10ms_later(&mut h, Some(written(&log, None)));
         let next_discovery = |h: &Harness| h.tailer.as_ref().expect("t").next_discovery;
         let soon = |h: &Harness| next_discovery(h) <= h.now + Duration::from_millis(200);
         std::fs::rename(&log, d.path().join("pod0/app.log.1")).expect("rotate");
@@ -1464,7 +1468,7 @@ fn a_rotation_the_probe_reports_is_followed_without_a_discovery_pass() {
         rounds_10ms_later(&mut h, None);
         let mut got = h.messages();
         got.sort();
-        assert_eq!(got, ["a1", "b1", "other"], "{glob}");
+        assert_eq!(got, ["a1", "a2", "b1", "other"], "{glob}");
         assert!(
             !soon(&h),
             "{glob}: a discovery pass for a rotation at a followed path"
