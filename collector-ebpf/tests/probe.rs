@@ -172,6 +172,16 @@ fn sh_append(path: &Path, text: &str) {
     assert!(st.success());
 }
 
+/// Every attachment the probe can use here: the default, the syscall tracepoints, and the
+/// `tp_btf` enter+exit pair (x86_64 only).
+fn attachments() -> Vec<Attach> {
+    let mut all = vec![Attach::Auto, Attach::Tracepoints];
+    if cfg!(target_arch = "x86_64") {
+        all.push(Attach::TpBtf);
+    }
+    all
+}
+
 fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("voltail-probe-test")
@@ -233,11 +243,7 @@ fn pwrite_writev_pwritev_and_pwritev2_are_reported() {
     let dir = temp_dir();
     let file = new_file(dir.path(), "vec.log");
     let dev = std::fs::metadata(dir.path()).expect("stat dir").dev();
-    let mut attachments = vec![Attach::Auto, Attach::Tracepoints];
-    if cfg!(target_arch = "x86_64") {
-        attachments.push(Attach::TpBtf);
-    }
-    for attach in attachments {
+    for attach in attachments() {
         let mut probe = load(vec![dev], attach);
         if attach == Attach::Auto {
             assert_eq!(probe.attach_kind(), Attach::SysExit, "the default");
@@ -344,7 +350,7 @@ fn events_carry_the_directory_inode() {
     if can_test("events_carry_the_directory_inode").is_none() {
         return;
     }
-    for attach in [Attach::Auto, Attach::Tracepoints, Attach::TpBtf] {
+    for attach in attachments() {
         let dir = temp_dir();
         let sub = dir.path().join("pod");
         std::fs::create_dir(&sub).expect("mkdir");
@@ -368,7 +374,7 @@ fn a_muted_inode_sends_nothing_until_its_span_ends() {
     if can_test("a_muted_inode_sends_nothing_until_its_span_ends").is_none() {
         return;
     }
-    for attach in [Attach::Auto, Attach::Tracepoints, Attach::TpBtf] {
+    for attach in attachments() {
         let dir = temp_dir();
         let muted = new_file(dir.path(), "debug.txt");
         let other = new_file(dir.path(), "app.log");
