@@ -46,6 +46,23 @@ const FULL_RESCAN_MAX: u64 = 96;
 /// Listings whose directory mtime was younger than this when read are read again at the next
 /// pass (the tailer's directory stamps use the same window).
 pub(crate) const RACY: Duration = Duration::from_secs(10);
+
+/// Whether a directory stamp whose newest time is `newest_ns` is old enough to trust: `racy`
+/// old by the wall clock (`wall_ns`), or seen unchanged for `racy` (`seen_for`, our clock, for
+/// a file server whose clock runs ahead). Either way the timestamp granule it was set in is
+/// over, so any later change of the directory changes the stamp. Discovery's listings and the
+/// tailer's directory stamps both follow this rule.
+pub(crate) fn old_enough(newest_ns: i64, wall_ns: i64, seen_for: Duration, racy: Duration) -> bool {
+    let racy_ns = i64::try_from(racy.as_nanos()).unwrap_or(i64::MAX);
+    wall_ns.saturating_sub(newest_ns) >= racy_ns || seen_for >= racy
+}
+
+/// The wall clock in nanoseconds since the epoch (0 before it).
+pub(crate) fn wall_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
 const MAX_DEPTH: usize = 48;
 
 /// Errors building discovery or opening a file.
@@ -445,10 +462,7 @@ impl Discovery {
         self.refresh_roots();
         self.passes += 1;
         let full = self.passes >= self.next_full;
-        let wall = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        let racy = i64::try_from(self.racy.as_nanos()).unwrap_or(i64::MAX);
+        let wall = wall_ns();
         // A directory whose entries a full re-list found changed under the same trusted mtime,
         // and that mtime.
         let mut hid_change: Option<(PathBuf, i64)> = None;
@@ -568,8 +582,7 @@ impl Discovery {
                                 settled = old.settled;
                             }
                         }
-                        let trusted = wall.saturating_sub(mtime) >= racy
-                            || t.duration_since(seen) >= self.racy;
+                        let trusted = old_enough(mtime, wall, t.duration_since(seen), self.racy);
                         let held = Held {
                             mtime,
                             items,

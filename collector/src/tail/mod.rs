@@ -57,7 +57,7 @@ use self::backend::{Errno, ReadBackend, ReadOp, Stat, StatOp};
 use crate::batch::{Batch, BatchBuilder, FileKey, FileMeta, Timestamp};
 use crate::checkpoint::{Entry, FileUpdate};
 use crate::config::{SourceConfig, StartAt};
-use crate::discovery::{Candidate, Discovery};
+use crate::discovery::{old_enough, wall_ns, Candidate, Discovery};
 use crate::framing::{Framed, Framer};
 use crate::identity::{FileId, Match, FINGERPRINT_BYTES};
 use crate::lag::LagBoard;
@@ -1973,24 +1973,15 @@ struct DirSeen {
 const DIR_SEEN_KEPT: Duration = Duration::from_secs(600);
 
 impl DirStamp {
-    /// The stamp of directory stat `st` if it is at least `racy` old: by the wall clock
-    /// (`wall_ns`), or by how long we have seen it unchanged (`seen_for`).
-    ///
-    /// Either way the stamp is older than `racy`, so the timestamp granule it was set in (up to
-    /// 1-2 s on some servers) is over, and any later change of the directory changes the stamp.
-    /// By time seen: we saw the stamp `racy` ago, so it was set before that. That rule serves a
-    /// file server whose clock runs ahead of ours: by the wall clock alone its stamps would
-    /// stay untrusted (and every path checked) for as long as it is ahead.
+    /// The stamp of directory stat `st` if it is old enough to trust ([`old_enough`]: `racy` old
+    /// by the wall clock, or seen unchanged for `racy`).
     fn trusted(st: &Stat, wall_ns: i64, racy: Duration, seen_for: Duration) -> Option<DirStamp> {
-        let newest = st.mtime_ns.max(st.ctime_ns);
-        (wall_ns.saturating_sub(newest) >= racy.as_nanos() as i64 || seen_for >= racy).then_some(
-            DirStamp {
-                dev: st.dev,
-                ino: st.ino,
-                mtime_ns: st.mtime_ns,
-                ctime_ns: st.ctime_ns,
-            },
-        )
+        old_enough(st.mtime_ns.max(st.ctime_ns), wall_ns, seen_for, racy).then_some(DirStamp {
+            dev: st.dev,
+            ino: st.ino,
+            mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
+        })
     }
 
     /// [`DirStamp::trusted`] with `seen_for` from `seen`, which learns this stat.
@@ -2036,13 +2027,6 @@ fn on_grid(epoch: Instant, now: Instant, interval: Duration) -> Instant {
     let off = t.duration_since(epoch).as_nanos() % step.as_nanos();
     // `off` < `step`, which is a Duration's nanoseconds: it fits.
     t - Duration::from_nanos(u64::try_from(off).unwrap_or(0))
-}
-
-/// The wall clock in nanoseconds since the epoch (0 before it).
-fn wall_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// A stat's outcome.
