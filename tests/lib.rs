@@ -148,8 +148,8 @@ impl Default for Setup {
     }
 }
 
-/// Reads every segment of a file sink directory (a torn last frame is ignored, as a
-/// consumer would).
+/// Reads every segment of a file sink directory (a torn last frame is ignored, and a segment
+/// removed between listing and reading is skipped, as a consumer would).
 pub fn read_sink(dir: &Path) -> Vec<Event> {
     let mut segs: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
@@ -162,7 +162,13 @@ pub fn read_sink(dir: &Path) -> Vec<Event> {
     segs.sort();
     let mut out = Vec::new();
     for s in segs {
-        let raw = std::fs::read(&s).expect("read segment");
+        let raw = match std::fs::read(&s) {
+            Ok(raw) => raw,
+            // A collector starting up removes the segments written after its checkpoint (their
+            // lines are read again): a consumer polling the directory sees them vanish.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("read segment {}: {e}", s.display()),
+        };
         let text = if s.to_string_lossy().ends_with(".zst") {
             let mut dec = zstd::stream::read::Decoder::new(&raw[..]).expect("decoder");
             let mut buf = Vec::new();
