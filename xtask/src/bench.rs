@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Rewrite docs/benchmarks.md with the results.
     #[arg(long)]
     write_docs: bool,
+    /// Run nothing: rewrite docs/benchmarks.md from a saved run's `results.json` (what a run
+    /// writes under `target/bench/`), keeping the page's hand-written part.
+    #[arg(long, value_name = "RESULTS_JSON", conflicts_with_all = ["quick", "only", "peer", "write_docs"])]
+    render_docs: Option<PathBuf>,
     /// Where workloads are generated (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -1252,8 +1256,26 @@ fn parse_peer(s: &str) -> Result<Collector> {
     })
 }
 
-/// Runs the bench.
+/// Rewrites `docs/benchmarks.md` from `report`, keeping the page's hand-written part.
+fn write_docs(report: &Report) -> Result<()> {
+    let docs = workspace().join("docs");
+    std::fs::create_dir_all(&docs)?;
+    let page = docs.join("benchmarks.md");
+    let previous = std::fs::read_to_string(&page).ok();
+    std::fs::write(&page, report.markdown(previous.as_deref()))?;
+    println!("wrote {}", page.display());
+    Ok(())
+}
+
+/// Runs the bench (or, with `--render-docs`, only renders a saved run).
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(json) = &args.render_docs {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench run's results.json", json.display()))?;
+        return write_docs(&report);
+    }
     let sizes = if args.quick {
         Sizes::quick()
     } else {
@@ -1352,14 +1374,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
     println!("results: {}", json.display());
     if args.write_docs {
-        let docs = workspace().join("docs");
-        std::fs::create_dir_all(&docs)?;
-        let previous = std::fs::read_to_string(docs.join("benchmarks.md")).ok();
-        std::fs::write(
-            docs.join("benchmarks.md"),
-            report.markdown(previous.as_deref()),
-        )?;
-        println!("wrote {}", docs.join("benchmarks.md").display());
+        write_docs(&report)?;
     }
     if args.keep {
         println!("kept the workloads in {}", ctx.work.display());

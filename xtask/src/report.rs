@@ -6,17 +6,18 @@
 //!
 //! It does not measure anything.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::verify::Verdict;
 
 /// `>=` or `<=` a value.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
     /// `>=` or `<=`.
-    pub op: &'static str,
+    pub op: Cow<'static, str>,
     /// The bound.
     pub value: f64,
 }
@@ -24,11 +25,17 @@ pub struct Target {
 impl Target {
     /// At least `v`.
     pub fn at_least(v: f64) -> Option<Target> {
-        Some(Target { op: ">=", value: v })
+        Some(Target {
+            op: Cow::Borrowed(">="),
+            value: v,
+        })
     }
     /// At most `v`.
     pub fn at_most(v: f64) -> Option<Target> {
-        Some(Target { op: "<=", value: v })
+        Some(Target {
+            op: Cow::Borrowed("<="),
+            value: v,
+        })
     }
     fn check(&self, v: f64) -> bool {
         if self.op == ">=" {
@@ -40,14 +47,14 @@ impl Target {
 }
 
 /// One number a workload measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measure {
     /// What it is.
     pub name: String,
     /// Its value.
     pub value: f64,
     /// Its unit.
-    pub unit: &'static str,
+    pub unit: Cow<'static, str>,
     /// The target, if any.
     pub target: Option<Target>,
     /// Whether the target is met (None without a target).
@@ -55,7 +62,7 @@ pub struct Measure {
 }
 
 /// What one workload run found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     /// `W1`, `W2`, ...
     pub workload: String,
@@ -92,11 +99,11 @@ impl Outcome {
 
     /// Adds a measure.
     pub fn measure(&mut self, name: &str, value: f64, unit: &'static str, target: Option<Target>) {
-        let pass = target.map(|t| t.check(value));
+        let pass = target.as_ref().map(|t| t.check(value));
         self.measures.push(Measure {
             name: name.into(),
             value,
-            unit,
+            unit: Cow::Borrowed(unit),
             target,
             pass,
         });
@@ -104,7 +111,7 @@ impl Outcome {
 }
 
 /// The machine the numbers came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// `nproc`.
     pub nproc: usize,
@@ -163,7 +170,7 @@ impl Machine {
 pub const ANALYSIS: &str = "## Analysis";
 
 /// Everything one bench run produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Where.
     pub machine: Machine,
@@ -213,6 +220,7 @@ impl Report {
             for m in &o.measures {
                 let target = m
                     .target
+                    .as_ref()
                     .map(|t| format!("{} {}", t.op, fmt_value(t.value)))
                     .unwrap_or_default();
                 let pass = match m.pass {
@@ -288,13 +296,15 @@ impl Report {
              - **W3 steady**: 1,000 files each appended 10 lines/s for 60 s by a writer pool; each line \
              carries its write time; latency is when the event appears in the sink's NDJSON output minus \
              that time, read by a follower polling the sink every 1 ms (poll interval 1 s). **W3 \
-             probe**: the same with the eBPF probe on, every poll interval at 10 s and a 10 ms batch \
-             linger, so the latency is the probe's (the writers are local); its CPU target is W3's CPU \
-             without the probe. Beside it, the probe off with every poll at 10 ms: what that latency \
-             costs by polling. **Probe cost**: one writer thread writing nginx lines as fast as it can, \
-             one `write` per line or 64 KiB writes, in alternating phases (3 x 5 s each) with the probe \
-             off, an empty program where the probe attaches (the kernel's floor), and the probe on; the \
-             writer thread's CPU per line.\n\
+             probe**: the same with the eBPF probe on, every poll interval at 10 s and no batch linger \
+             (`linger = \"0ms\"`), so the latency is the probe's (the writers are local); its CPU \
+             target is W3's CPU without the probe. Beside it, the probe off with every poll at 10 ms: \
+             what that latency costs by polling. **Probe cost**: one writer thread writing nginx lines \
+             as fast as it can, one `write` per line or 64 KiB writes, in alternating phases (10 rounds \
+             of 1.5 s each) with the probe off, an empty program where the probe attaches (the \
+             kernel's floor), and the probe on; the writer thread's CPU per line, the cost the median \
+             of the rounds' on/off ratios (the ratio of the totals beside it). A single run's cost \
+             moves by several points on a shared VM: compare the median of several runs.\n\
              - **W4 slow NAS**: W2 and W3 read through the FUSE stand-in (`cargo xtask slownas`), \
              io_uring and pread side by side; the writers append to the source directory (pods on \
              other nodes) while voltail reads the mount. The round is measured from the filesystem's \
@@ -355,6 +365,13 @@ mod tests {
         assert!(t.contains("| 80.0 MiB | <= 64.0 | MISS |"), "{t}");
         assert!(t.contains("**FAILED**"), "{t}");
         assert!(r.markdown(None).contains("Reproduce: `cargo xtask bench`"));
+        let again: Report =
+            serde_json::from_str(&serde_json::to_string(&r).expect("to JSON")).expect("from JSON");
+        assert_eq!(
+            again.markdown(None),
+            r.markdown(None),
+            "a saved run renders the same"
+        );
         let kept = r.markdown(Some("# old\n\n## Analysis\n\nW1 is slow because.\n"));
         assert!(
             kept.ends_with("## Analysis\n\nW1 is slow because.\n"),

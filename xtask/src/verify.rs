@@ -49,7 +49,7 @@ pub struct Checker {
 }
 
 /// What a [`Checker`] found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Verdict {
     /// Lines written.
     pub expected: u64,
