@@ -983,7 +983,8 @@ fn w3_probe(ctx: &Ctx, base: &Path, outcomes: &mut Vec<Outcome>) -> Result<()> {
             o.measure("lines/s, probe on", cost.on.lines_per_s(), "lines/s", None);
             o.notes.push(format!(
                 "nginx lines at full speed, {rounds} x ({phase:?} off, {phase:?} empty program, \
-                 {phase:?} on) alternating, the cost the median of the rounds' on/off; \
+                 {phase:?} on) alternating and a last {phase:?} off, the cost the median of the \
+                 rounds' on/off (off interpolated from the off phases around each round); \
                  probe attached as {:?}; {} writes and {} events while on",
                 cost.attach, cost.on.writes, cost.events
             ));

@@ -68,7 +68,7 @@ impl Totals {
 }
 
 /// The probe off, an empty program in its place, and the probe on, `rounds` times each
-/// (off, floor, on, off, ...), `phase` per phase.
+/// (off, floor, on, off, floor, on, ..., off), `phase` per phase.
 #[derive(Debug, Clone, Copy)]
 pub struct Cost {
     /// Probe off.
@@ -82,9 +82,10 @@ pub struct Cost {
     pub attach: voltail_ebpf::Attach,
     /// Events the probe delivered while on.
     pub events: u64,
-    /// Median over the rounds of (probe on / probe off), each round's phases side by side:
-    /// steadier than the ratio of the totals on a noisy machine, where one slow phase would
-    /// move the totals' ratio by several percent.
+    /// Median over the rounds of (probe on / probe off), each round's on phase against the
+    /// off phases on either side of it, interpolated to its time: steadier than the ratio of
+    /// the totals on a noisy machine, where one slow phase would move the totals' ratio by
+    /// several percent, and unbiased by a steady drift of the machine's speed.
     pub on_ratio: f64,
     /// The same for the empty program.
     pub floor_ratio: f64,
@@ -133,10 +134,14 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
     let mut attach = voltail_ebpf::Attach::Auto;
     // Warm the page cache and the allocator; not counted.
     write_phase(&file, &mut gen, style, phase / 4)?;
-    let (mut on_ratios, mut floor_ratios) = (Vec::new(), Vec::new());
+    // Each round is off, floor, on, and the next round's off (one more at the end) closes it:
+    // the writer's cost without the probe at the floor's and the on phase's times is
+    // interpolated between the two off phases around them ([`against_off`]), so a machine that
+    // speeds up or slows down steadily through a round biases neither ratio.
+    let mut phases = Vec::with_capacity(rounds);
+    let mut this_off = write_phase(&file, &mut gen, style, phase)?;
+    add(&mut off, this_off);
     for _ in 0..rounds {
-        let this_off = write_phase(&file, &mut gen, style, phase)?;
-        add(&mut off, this_off);
         let empty = Probe::load(&ProbeOptions {
             devices: vec![dev],
             attach: voltail_ebpf::Attach::Floor,
@@ -157,9 +162,13 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
         let this_on = write_phase(&file, &mut gen, style, phase)?;
         add(&mut on, this_on);
         events += drain.stop();
-        on_ratios.push(this_on.ns_per_line() / this_off.ns_per_line());
-        floor_ratios.push(this_floor.ns_per_line() / this_off.ns_per_line());
+        let next_off = write_phase(&file, &mut gen, style, phase)?;
+        add(&mut off, next_off);
+        phases.push([this_off, this_floor, this_on, next_off].map(|t| t.ns_per_line()));
+        this_off = next_off;
     }
+    let (on_ratios, floor_ratios): (Vec<f64>, Vec<f64>) =
+        phases.iter().map(|p| against_off(*p)).unzip();
     drop(file);
     let _ = std::fs::remove_file(&path);
     Ok(Cost {
@@ -171,6 +180,14 @@ pub fn measure(dir: &Path, style: Style, phase: Duration, rounds: usize) -> Resu
         on_ratio: median(on_ratios),
         floor_ratio: median(floor_ratios),
     })
+}
+
+/// One round's (on, floor) ratios from its phases' CPU per line, `[off, floor, on, next off]`,
+/// each against the off cost interpolated to its own time (the phases are equally long): a
+/// steady drift through the round cancels out.
+fn against_off([off, floor, on, next_off]: [f64; 4]) -> (f64, f64) {
+    let off_at = |k: f64| off + (next_off - off) * k / 3.0;
+    (on / off_at(2.0), floor / off_at(1.0))
 }
 
 fn add(t: &mut Totals, p: Totals) {
@@ -284,7 +301,18 @@ fn thread_cpu() -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{against_off, median};
+
+    #[test]
+    fn a_steady_drift_through_a_round_cancels_out() {
+        // The machine slows by 3 % per phase; the probe costs 2 %, the floor 1 %.
+        let off = |k: f64| 100.0 * (1.0 + 0.03 * k);
+        let (on, floor) = against_off([off(0.0), off(1.0) * 1.01, off(2.0) * 1.02, off(3.0)]);
+        assert!((on - 1.02).abs() < 1e-9, "{on}");
+        assert!((floor - 1.01).abs() < 1e-9, "{floor}");
+        // Against the first off phase alone, as before, the drift read as a 6 % cost.
+        assert!((off(2.0) * 1.02 / off(0.0) - 1.0) > 0.07);
+    }
 
     #[test]
     fn the_median_ignores_one_outlying_round() {

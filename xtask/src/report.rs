@@ -301,9 +301,11 @@ impl Report {
              target is W3's CPU without the probe. Beside it, the probe off with every poll at 10 ms: \
              what that latency costs by polling. **Probe cost**: one writer thread writing nginx lines \
              as fast as it can, one `write` per line or 64 KiB writes, in alternating phases (10 rounds \
-             of 1.5 s each) with the probe off, an empty program where the probe attaches (the \
-             kernel's floor), and the probe on; the writer thread's CPU per line, the cost the median \
-             of the rounds' on/off ratios (the ratio of the totals beside it). A single run's cost \
+             of 1.5 s each, and a last off phase) with the probe off, an empty program where the probe \
+             attaches (the kernel's floor), and the probe on; the writer thread's CPU per line, the \
+             cost the median of the rounds' on/off ratios, each round's off cost interpolated from \
+             the off phases before and after it to the time of its other phases (the ratio of the \
+             totals beside it). A single run's cost \
              moves by several points on a shared VM: compare the median of several runs.\n\
              - **W4 slow NAS**: W2 and W3 read through the FUSE stand-in (`cargo xtask slownas`), \
              io_uring and pread side by side; the writers append to the source directory (pods on \
