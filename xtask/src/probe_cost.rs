@@ -310,7 +310,7 @@ mod tests {
         let (on, floor) = against_off([off(0.0), off(1.0) * 1.01, off(2.0) * 1.02, off(3.0)]);
         assert!((on - 1.02).abs() < 1e-9, "{on}");
         assert!((floor - 1.01).abs() < 1e-9, "{floor}");
-        // Against the first off phase alone, as before, the drift read as a 6 % cost.
+        // Against the first off phase alone, as before, the 2 % read as 8 %.
         assert!((off(2.0) * 1.02 / off(0.0) - 1.0) > 0.07);
     }
 
