@@ -46,6 +46,7 @@ const FULL_RESCAN_MAX: u64 = 96;
 /// Listings whose directory mtime was younger than this when read are read again at the next
 /// pass (the tailer's directory stamps use the same window).
 pub(crate) const RACY: Duration = Duration::from_secs(10);
+const MAX_DEPTH: usize = 48;
 
 /// Whether a directory stamp whose newest time is `newest_ns` is old enough to trust: `racy`
 /// old by the wall clock (`wall_ns`), or seen unchanged for `racy` (`seen_for`, our clock, for
@@ -63,7 +64,6 @@ pub(crate) fn wall_ns() -> i64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
-const MAX_DEPTH: usize = 48;
 
 /// Errors building discovery or opening a file.
 #[derive(Debug, thiserror::Error)]

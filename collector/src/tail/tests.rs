@@ -1441,10 +1441,9 @@ fn a_directory_stamped_in_the_future_is_trusted_once_seen_long_enough() {
 
 /// With the probe on, a write to an unknown file in a directory of tracked files the probe
 /// reported writes to (a rotation's successor) has that directory's followed paths checked in
-/// the next round: the
-/// successor is tracked and read at once, with no discovery pass over every directory. A file
-/// there that no glob takes is left to a discovery pass soon, as before. Both where discovery
-/// lists the directory and where it does not.
+/// the next round: the successor is tracked and read at once, with no discovery pass over
+/// every directory. A file there that no glob takes is left to a discovery pass soon, as
+/// before. Both where discovery lists the directory and where it does not.
 #[test]
 fn a_rotation_the_probe_reports_is_followed_without_a_discovery_pass() {
     for glob in ["*/app.log", "*/app.lo?"] {
